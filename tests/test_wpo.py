@@ -1,0 +1,45 @@
+"""Agreement of `alignbook.wpo` with TRL's WPO weighting (`DPOConfig(use_weighting=True)`) on identical tiny inputs.
+
+TRL 0.29 and later (1.16 when these tests were written) weights every pair by exp(mean_w + mean_l) with no clamp,
+reading log sum_v p_v^2 from its fused LM head, so it must match `WPOLoss(clamp_max=None)`.
+"""
+import pytest
+import torch
+
+pytest.importorskip("trl")
+
+from alignbook.wpo import WPOLoss
+from test_preference import RTOL, make_batch, make_trl_trainer, our_logps
+
+
+@torch.no_grad()
+def _our_wpo_loss(policy, reference, batch, **kwargs):
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    ref_logps, _ = our_logps(reference, batch)
+    return WPOLoss(**kwargs)(logits, labels, ref_logps)
+
+
+def _greedy_batch(policy, batch):
+    "Replace the response tokens by the policy's greedy choices, so that the weights are near 1, not ~1/V."
+    ids = batch["input_ids"].clone()
+    with torch.no_grad():
+        for t in range(3, ids.shape[1]):
+            logits = policy(input_ids=ids[:, :t], attention_mask=batch["attention_mask"][:, :t]).logits
+            ids[:, t] = logits[:, -1].argmax(-1)
+    # the rejected rows take a different, sampled continuation so that pairs differ
+    n = ids.shape[0] // 2
+    ids[n:, 3:] = batch["input_ids"][n:, 3:]
+    return {**batch, "input_ids": ids}
+
+
+@pytest.mark.parametrize("loss_type,beta", [("sigmoid", 0.1), ("ipo", 0.5)])
+def test_wpo_loss_matches_trl(loss_type, beta):
+    trainer, policy, reference = make_trl_trainer(loss_type, beta=beta, use_weighting=True)
+    batch = _greedy_batch(policy, make_batch(policy.config.vocab_size))
+    expected = trainer._compute_loss(trainer.model, batch, False).detach()
+    base = {"sigmoid": "dpo", "ipo": "ipo"}[loss_type]
+    ours, metrics = _our_wpo_loss(policy, reference, batch, base=base, beta=beta, clamp_max=None)
+    assert 1e-3 < metrics["weights/mean"], "weights must not vanish for the comparison to mean anything"
+    torch.testing.assert_close(ours, expected, rtol=RTOL, atol=0.0)
+
