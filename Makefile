@@ -40,8 +40,11 @@ pytest: install
 
 test: export-check nbtest pytest
 
+docs: install
+	$(BIN)/python docs/build.py --runs $(OUT)
+
 bench: install
 	for f in benchmarks/bench_*.py; do $(BIN)/python $$f || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(OUT) _docs _proc
+	rm -rf $(VENV) $(OUT) _docs _proc docs/_build docs/_site

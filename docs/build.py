@@ -1,0 +1,269 @@
+"""Build the alignbook website from the notebooks into docs/_site, offline.
+
+Steps: execute each notebook the way `nbdev_test` does (cells flagged `slow`, `gpu` or `notest` and
+`#| eval: false` cells are skipped), apply nbdev's documentation processors (directives, `show_doc`, hidden
+cells), add the reproduction results found under `runs/`, write one API page per module, then render with
+Sphinx and myst-nb, which never re-executes a cell.
+
+Usage: python docs/build.py [--no-execute] [--runs runs] [--out docs/_site] [--jobs 2]
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
+NBS = ROOT / "nbs"
+SKIP_FLAGS = {"slow", "gpu", "notest"}
+SECTIONS = {"core": "Core", "chapters": "Chapters", "tutorials": "Tutorials"}
+
+
+def section_of(notebook: Path) -> str:
+    if notebook.parent.name == "tutorials":
+        return "tutorials"
+    return "core" if int(notebook.name.split("_")[0]) < 10 else "chapters"
+
+
+def execute_notebook(args: tuple[str, str, bool]) -> tuple[str, str]:
+    """Run the notebook's cells like nbdev_test and write it, with outputs, to `dst`."""
+    src, dst, run = Path(args[0]), Path(args[1]), args[2]
+    from execnb.nbio import read_nb, write_nb
+    from execnb.shell import CaptureShell
+
+    nb = read_nb(src)
+    error = ""
+    if run:
+        def no_eval(cell):
+            if cell.cell_type != "code" or "nbdev_export(" in cell.source:
+                return True
+            directives = getattr(cell, "directives_", {}) or {}
+            if directives.get("eval:", [""])[0].lower() == "false":
+                return True
+            return bool(SKIP_FLAGS & set(directives))
+
+        os.environ.setdefault("MPLBACKEND", "Agg")
+        shell = CaptureShell(src)
+        os.chdir(src.parent)
+        try:
+            shell.run_all(nb, exc_stop=True, preproc=no_eval)
+        except Exception as err:  # the page is still built, without the outputs after the failing cell
+            error = f"{type(err).__name__}: {err}"
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_nb(nb, dst)
+    return str(src), error
+
+
+def process_for_docs(path: Path) -> str:
+    """Apply nbdev's documentation processors (hide, export, show_doc, ...) in place; return a warning or ''."""
+    from execnb.nbio import read_nb, write_nb
+    from nbdev.processors import FilterDefaults, exec_show_docs
+
+    class WithoutShowDocExecution(FilterDefaults):
+        def base_procs(self):
+            return [p for p in super().base_procs() if p is not exec_show_docs]
+
+    nb = read_nb(path)
+    for cell in nb.cells:
+        # nbdev runs exported and import cells again to render show_doc; slow and GPU cells must not run here.
+        first_lines = [line.strip() for line in cell.source.splitlines() if line.strip().startswith("#|")]
+        flags = {word for line in first_lines for word in line[2:].split()}
+        if cell.cell_type == "code" and flags & SKIP_FLAGS:
+            cell.source = "#| eval: false\n" + cell.source
+    try:
+        FilterDefaults()(nb)
+        warning = ""
+    except Exception as err:
+        nb = read_nb(path)
+        WithoutShowDocExecution()(nb)
+        warning = f"{path.name}: show_doc tables left out because a cell failed to re-run ({err})"
+    _title_from_frontmatter(nb)
+    _quarto_to_myst(nb)
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python", "pygments_lexer": "ipython3"}
+    write_nb(nb, path)
+    return warning
+
+
+_QUARTO_ATTRS = re.compile(r'\{target="_blank"[^}]*\}')
+
+
+def _quarto_to_myst(nb) -> None:
+    """Translate the Quarto cell options nbdev emits (`#| echo: false`) into myst-nb tags."""
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        lines = cell.source.splitlines()
+        options = [line for line in lines if line.strip().startswith("#|")]
+        if any(line.replace(" ", "") == "#|echo:false" for line in options):
+            cell.metadata.setdefault("tags", []).append("remove-input")
+        cell.source = "\n".join(line for line in lines if line not in options)
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if "text/markdown" in data:
+                text = data["text/markdown"]
+                text = "".join(text) if isinstance(text, list) else text
+                data["text/markdown"] = _QUARTO_ATTRS.sub("", text)
+
+
+def _title_from_frontmatter(nb) -> None:
+    """nbdev moves the H1 title and `>` subtitle into Quarto front matter; put them back as Markdown for Sphinx."""
+    import yaml
+    from execnb.nbio import mk_cell
+
+    if not nb.cells or nb.cells[0].cell_type != "raw" or not nb.cells[0].source.startswith("---"):
+        return
+    meta = yaml.safe_load(nb.cells[0].source.strip().strip("-")) or {}
+    heading = f"# {meta.get('title', 'Untitled')}"
+    if meta.get("description"):
+        heading += f"\n\n> {meta['description']}"
+    nb.cells[0] = mk_cell(heading, cell_type="markdown")
+
+
+def chapter_banner(notebook: Path) -> str | None:
+    """Markdown naming the paper a chapter notebook implements, from the chapter registry."""
+    from alignbook.reproduce import CHAPTERS
+
+    module = _default_exp(notebook)
+    for chapter in CHAPTERS.values():
+        if chapter.module == f"alignbook.{module}":
+            arxiv = f", [arXiv {chapter.arxiv}](https://arxiv.org/abs/{chapter.arxiv})" if chapter.arxiv else ""
+            return (f":::{{admonition}} Paper\n*{chapter.paper}*{arxiv}. Run the reproduction with "
+                    f"`alignbook reproduce {chapter.name}`; the results of the last run are on the "
+                    f"[reproductions page](../reproductions.md).\n:::\n")
+    return None
+
+
+def _default_exp(notebook: Path) -> str | None:
+    for cell in json.loads(notebook.read_text())["cells"]:
+        source = "".join(cell["source"])
+        if "#| default_exp" in source:
+            return source.split("#| default_exp", 1)[1].split()[0]
+    return None
+
+
+def insert_banner(path: Path, banner: str) -> None:
+    """Put `banner` right after the notebook's title cell."""
+    nb = json.loads(path.read_text())
+    for index, cell in enumerate(nb["cells"]):
+        if cell["cell_type"] == "markdown" and "".join(cell["source"]).lstrip().startswith("# "):
+            nb["cells"].insert(index + 1, {"cell_type": "markdown", "metadata": {}, "source": banner})
+            break
+    path.write_text(json.dumps(nb, indent=1))
+
+
+def write_api_pages(src: Path) -> list[str]:
+    """One page per exported module with Sphinx autodoc."""
+    pages = []
+    modules = sorted(p.stem for p in (ROOT / "alignbook").glob("*.py") if not p.stem.startswith("_"))
+    (src / "api").mkdir(parents=True, exist_ok=True)
+    for module in modules:
+        name = f"alignbook.{module}"
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # document the rest of the package even when one module fails to import
+            print(f"docs: skipping API page for {name}: {err}", file=sys.stderr)
+            continue
+        (src / "api" / f"{module}.md").write_text(
+            f"# `{name}`\n\n```{{eval-rst}}\n.. automodule:: {name}\n   :members:\n   :show-inheritance:\n```\n")
+        pages.append(f"api/{module}")
+    return pages
+
+
+def write_reproductions(src: Path, runs: Path) -> None:
+    """A page with runs/summary.md and each chapter's metrics and figures, when `alignbook reproduce` ran."""
+    lines = ["# Reproductions", ""]
+    if not (runs / "summary.md").exists():
+        lines += ["No reproduction results were found when this site was built. Run `alignbook reproduce all` "
+                  "(or `make demo`), then `make docs`, to show the figures and metrics here."]
+    else:
+        summary = (runs / "summary.md").read_text().split("\n", 1)[1]
+        lines += [f"Results of `alignbook reproduce` read from `{runs}` when the site was built.", "", summary]
+        figures = src / "figures"
+        for chapter_dir in sorted(p for p in runs.iterdir() if p.is_dir()):
+            lines += ["", f"({chapter_dir.name})=", f"## {chapter_dir.name}", ""]
+            metrics = chapter_dir / "metrics.json"
+            if metrics.exists():
+                data = json.loads(metrics.read_text())
+                lines += ["| metric | value |", "|---|---|"]
+                lines += [f"| {k} | {_short(v)} |" for k, v in sorted(data.items()) if not isinstance(v, (dict, list))]
+                lines.append("")
+            for png in sorted(chapter_dir.glob("*.png")):
+                target = figures / chapter_dir.name / png.name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(png, target)
+                lines += [f"![{png.stem}](figures/{chapter_dir.name}/{png.name})", ""]
+    (src / "reproductions.md").write_text("\n".join(lines) + "\n")
+
+
+def write_benchmarks(src: Path) -> None:
+    """Join the per-module benchmark records in docs/benchmarks/ into one page."""
+    parts = [(DOCS / "benchmarks.md").read_text()]
+    parts += [p.read_text() for p in sorted((DOCS / "benchmarks").glob("*.md"))]
+    (src / "benchmarks.md").write_text("\n\n".join(parts) + "\n")
+
+
+def _short(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_index(src: Path, pages: dict[str, list[str]], api: list[str]) -> None:
+    parts = ["# alignbook", "", "```{include} ../../../README.md\n:start-line: 1\n```", ""]
+    for key, caption in SECTIONS.items():
+        if pages.get(key):
+            parts += ["```{toctree}", f":caption: {caption}", ":maxdepth: 1", "", *pages[key], "```", ""]
+    parts += ["```{toctree}", ":caption: Results and reference", ":maxdepth: 1", "", "reproductions",
+              "benchmarks", "contributing", *api, "```", ""]
+    (src / "index.md").write_text("\n".join(parts))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--no-execute", action="store_true", help="render the notebooks without running them")
+    parser.add_argument("--runs", default=str(ROOT / "runs"), help="folder written by `alignbook reproduce`")
+    parser.add_argument("--out", default=str(DOCS / "_site"), help="output folder of the HTML site")
+    parser.add_argument("--jobs", type=int, default=2, help="notebooks executed in parallel")
+    parser.add_argument("--only", nargs="*", default=None, help="notebook stems to include (default: all)")
+    args = parser.parse_args(argv)
+
+    src = DOCS / "_build" / "src"
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir(parents=True)
+    notebooks = sorted(p for p in NBS.rglob("*.ipynb") if not any(part.startswith((".", "_")) for part in p.parts))
+    if args.only:
+        notebooks = [p for p in notebooks if p.stem in args.only]
+    jobs = [(str(nb), str(src / section_of(nb) / nb.name), not args.no_execute) for nb in notebooks]
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        failures = [(s, e) for s, e in pool.map(execute_notebook, jobs) if e]
+    pages: dict[str, list[str]] = {}
+    for nb in notebooks:
+        dst = src / section_of(nb) / nb.name
+        if warning := process_for_docs(dst):
+            print(f"docs: {warning.splitlines()[0]}", file=sys.stderr)
+        if section_of(nb) == "chapters" and (banner := chapter_banner(nb)):
+            insert_banner(dst, banner)
+        pages.setdefault(section_of(nb), []).append(f"{section_of(nb)}/{nb.stem}")
+    shutil.copy(DOCS / "contributing.md", src / "contributing.md")
+    write_benchmarks(src)
+    write_reproductions(src, Path(args.runs))
+    write_index(src, pages, write_api_pages(src))
+    command = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-c", str(DOCS), str(src), args.out]
+    result = subprocess.run(command)
+    for source, error in failures:
+        print(f"docs: {source} stopped executing at {error}; its page shows the outputs up to that cell",
+              file=sys.stderr)
+    print(f"Site: {Path(args.out).resolve() / 'index.html'}")
+    return result.returncode
+
+
+if __name__ == "__main__":
+    sys.exit(main())
