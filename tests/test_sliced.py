@@ -232,7 +232,7 @@ def test_detach_weights_changes_only_gradient(clouds):
     xs = torch.tensor(clouds[0], requires_grad=True)
     xt = torch.tensor(clouds[1])
     kept, detached = iwrpsw(xs, xt, seed=0), iwrpsw(xs, xt, seed=0, detach_weights=True)
-    assert float(kept) == pytest.approx(float(detached), abs=EXACT)
+    assert float(kept.detach()) == pytest.approx(float(detached.detach()), abs=EXACT)
     (grad_kept,) = torch.autograd.grad(kept, xs)
     (grad_detached,) = torch.autograd.grad(detached, xs)
     assert not torch.allclose(grad_kept, grad_detached)
@@ -266,9 +266,10 @@ def test_ordering_on_elongated_clouds():
     rp = [float(rpsw(xs, xt, n_projections=k, kappa=kappa, seed=0)) for kappa in (10.0, 50.0, 1e9)]
     msw = float(max_sliced_wasserstein(xs, xt, n_iter=50, seed=0))
     assert sw <= rp[0] <= rp[1] <= rp[2] <= msw
+    # At kappa = 1 IWRPSW equals EBSW in expectation (tested above); larger kappa moves it up.
     ebsw = float(energy_based_sliced_wasserstein(xs, xt, n_projections=k, seed=0))
-    for kappa in (1.0, 10.0, 50.0):
-        assert ebsw <= float(iwrpsw(xs, xt, n_projections=k, kappa=kappa, seed=0)) * (1 + 5e-3)
+    for kappa in (10.0, 50.0):
+        assert ebsw <= float(iwrpsw(xs, xt, n_projections=k, kappa=kappa, seed=0))
 
 
 def test_kappa_schedule_endpoints():
