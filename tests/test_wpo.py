@@ -43,3 +43,20 @@ def test_wpo_loss_matches_trl(loss_type, beta):
     assert 1e-3 < metrics["weights/mean"], "weights must not vanish for the comparison to mean anything"
     torch.testing.assert_close(ours, expected, rtol=RTOL, atol=0.0)
 
+
+
+def test_controlled_task_weight_gap_and_trend():
+    "On the synthetic task, on-policy pairs outweigh off-policy ones and training separates chosen from rejected."
+    from alignbook.wpo import WPOExperimentConfig, run_controlled_comparison
+    config = WPOExperimentConfig(n_sft=2000, sft_steps=100, n_pairs=400, steps=60, batch_size=32, eval_every=30,
+                                 n_eval_samples=128, n_weight_pairs=64, hh=False)
+    run = run_controlled_comparison(config, frac_off=0.5, seed=0)
+    start = run["initial"]
+    end = [h for h in run["wpo"] if "eval/kl" in h][-1]
+    assert start["weights/on_pair"] > 10 * start["weights/off_pair"]
+    assert end["weights/on_pair"] < start["weights/on_pair"]
+    start_ratio = start["weights/on_chosen"] / start["weights/on_rejected"]
+    end_ratio = end["weights/on_chosen"] / end["weights/on_rejected"]
+    assert end_ratio > start_ratio
+    assert end["eval/kl"] > 0
+    assert end["eval/reward"] > start["eval/reward"]
