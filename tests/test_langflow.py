@@ -1,0 +1,164 @@
+"""Oracles for alignbook.langflow that need a little training: Gaussian rectified flows, reflow, and the synthetic text tier."""
+import math
+
+import pytest
+import torch
+
+from alignbook.langflow import (
+    LanguageRectifiedFlow, LatentClassifier, LatentStats, TextVAE, VelocityMLP, WordTokenizer, config_for,
+    encode_batch, encode_latents, euler_sample, latent_classifier_guidance, make_pair_sampler, parse_synthetic,
+    reconstruction_accuracy, reflow_pairs, rk45_sample, straightness, synthetic_restaurants, train_rectified_flow,
+)
+from alignbook.train import train
+
+torch.set_num_threads(1)
+
+MEAN, STD = torch.tensor([2.0, -1.0]), 0.5  # pi_1 = N(MEAN, STD^2 I), pi_0 = N(0, I)
+
+
+def v_star(x, t, m=MEAN, s=STD):
+    "Exact 1-rectified-flow velocity between N(0, I) and N(m, s^2 I) (the conditional mean of X1 - X0)."
+    t = t.reshape(-1, 1)
+    return m + (t * s**2 - (1 - t)) / (t**2 * s**2 + (1 - t) ** 2) * (x - t * m)
+
+
+@pytest.fixture(scope="module")
+def gaussian_flows():
+    torch.manual_seed(0)
+    data = MEAN + STD * torch.randn(20_000, 2, generator=torch.Generator().manual_seed(1))
+    rf1 = VelocityMLP(2, hidden_size=64, num_layers=2)
+    train_rectified_flow(rf1, make_pair_sampler(data), steps=1500, lr=3e-3, batch_size=512, seed=0)
+    noise = torch.Generator().manual_seed(2)
+    z0, z1 = reflow_pairs(rf1.eval(), lambda n: torch.randn(n, 2, generator=noise), 8000, num_steps=100)
+    rf2 = VelocityMLP(2, hidden_size=64, num_layers=2)
+    train_rectified_flow(rf2, make_pair_sampler(z1, z0, "fixed"), steps=1500, lr=3e-3, batch_size=512, seed=1)
+    return rf1.eval(), rf2.eval()
+
+
+def test_trained_field_matches_conditional_mean(gaussian_flows):
+    rf1, _ = gaussian_flows
+    g = torch.Generator().manual_seed(3)
+    t = 0.05 + 0.9 * torch.rand(4000, generator=g)
+    x = t[:, None] * (MEAN + STD * torch.randn(4000, 2, generator=g)) + (1 - t[:, None]) * torch.randn(4000, 2, generator=g)
+    with torch.no_grad():
+        error = (rf1(x, t) - v_star(x, t)).norm() / v_star(x, t).norm()
+    assert error < 0.05, f"relative L2 error {error:.3f}"
+
+
+def test_exact_field_preserves_marginal():
+    z0 = torch.randn(10_000, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    z1, _ = rk45_sample(lambda z, t: v_star(z, t, MEAN.double(), STD), z0, t0=0.0)
+    assert (z1.mean(0) - MEAN.double()).abs().max() < 0.02
+    assert ((z1.std(0) - STD).abs() / STD).max() < 0.03
+
+
+def test_one_step_after_reflow_keeps_moments(gaussian_flows):
+    rf1, rf2 = gaussian_flows
+    z0 = torch.randn(5000, 2, generator=torch.Generator().manual_seed(5))
+    one_step = euler_sample(rf2, z0, 1)
+    many_steps = euler_sample(rf1, z0, 100)  # the distribution the reflow pairs were drawn from
+    assert ((one_step.mean(0) - many_steps.mean(0)).abs() / many_steps.mean(0).abs()).max() < 0.05
+    # With these seeds the one-step std is 5 % below the pairs' std and 7 % below the target's.
+    # A 1,500-step regression fit shrinks the spread a little, so the bounds are 8 % and 10 %.
+    assert ((one_step.std(0) - many_steps.std(0)).abs() / many_steps.std(0)).max() < 0.08
+    assert ((one_step.mean(0) - MEAN).abs() / MEAN.abs()).max() < 0.05
+    assert ((one_step.std(0) - STD).abs() / STD).max() < 0.1
+    collapsed = euler_sample(rf1, z0, 1)  # 1-RF with one step sends everything near the mean
+    assert collapsed.std(0).max() < 0.5 * STD
+
+
+def test_reflow_straightens_gaussian_flow(gaussian_flows):
+    rf1, rf2 = gaussian_flows
+    z0 = torch.randn(2000, 2, generator=torch.Generator().manual_seed(6))
+    assert straightness(rf2, z0) < 0.2 * straightness(rf1, z0)
+
+
+def test_reflow_straightens_eight_gaussians():
+    g = torch.Generator().manual_seed(7)
+    angles = 2 * math.pi * torch.randint(0, 8, (8000,), generator=g) / 8
+    data = 4 * torch.stack([angles.cos(), angles.sin()], 1) + 0.3 * torch.randn(8000, 2, generator=g)
+    torch.manual_seed(1)
+    rf1 = VelocityMLP(2, hidden_size=64, num_layers=2)
+    train_rectified_flow(rf1, make_pair_sampler(data), steps=500, lr=3e-3, batch_size=512)
+    noise = torch.Generator().manual_seed(8)
+    z0, z1 = reflow_pairs(rf1.eval(), lambda n: torch.randn(n, 2, generator=noise), 4000, num_steps=50)
+    rf2 = VelocityMLP(2, hidden_size=64, num_layers=2)
+    train_rectified_flow(rf2, make_pair_sampler(z1, z0, "fixed"), steps=500, lr=3e-3, batch_size=512, seed=1)
+    probe = torch.randn(1000, 2, generator=torch.Generator().manual_seed(9))
+    assert straightness(rf2.eval(), probe) < straightness(rf1, probe)
+
+
+@pytest.fixture(scope="module")
+def synthetic_vae():
+    rows = synthetic_restaurants(3000, seed=0)
+    tokenizer = WordTokenizer.from_texts([r["text"] for r in rows])
+    ids = encode_batch(tokenizer, [r["text"] for r in rows], max_length=24)
+    torch.manual_seed(0)
+    vae = TextVAE(len(tokenizer), latent_dim=16, embed_dim=32, hidden_size=64, max_length=24)
+
+    def batch_at(step):
+        g = torch.Generator().manual_seed(step)
+        return ids[torch.randint(0, len(ids), (64,), generator=g)], g
+
+    def loss_fn(model, batch):
+        out = model.elbo_loss(batch[0], beta=0.0, generator=batch[1])
+        return out["loss"], {}
+
+    train(vae, loss_fn, batch_at, steps=500, lr=3e-3, progress=False)
+    return vae.eval(), tokenizer, ids, rows
+
+
+def test_synthetic_round_trip_accuracy(synthetic_vae):
+    vae, tokenizer, ids, _ = synthetic_vae
+    accuracy = reconstruction_accuracy(vae, ids[:500])
+    assert accuracy["token"] > 0.9, accuracy
+    assert accuracy["exact"] > 0.5, accuracy
+
+
+def test_synthetic_generation_and_guidance(synthetic_vae):
+    vae, tokenizer, ids, rows = synthetic_vae
+    raw = encode_latents(vae, ids)
+    stats = LatentStats.from_latents(raw)
+    latents = stats.standardise(raw)
+    torch.manual_seed(0)
+    velocity = VelocityMLP(16, hidden_size=128, num_layers=2)
+    train_rectified_flow(velocity, make_pair_sampler(latents), steps=600, lr=2e-3)
+    lf = LanguageRectifiedFlow(vae, tokenizer, velocity, stats)
+    texts = lf.sample(200, num_steps=8, generator=torch.Generator().manual_seed(1))
+    valid = [parse_synthetic(t) for t in texts]
+    assert sum(v is not None for v in valid) / len(valid) > 0.6
+    labels = torch.tensor([r["area"] == "riverside" for r in rows]).long()
+    classifier = LatentClassifier(16, 2)
+    from alignbook.langflow import train_latent_classifier
+    train_latent_classifier(classifier, latents, labels, steps=300)
+    guided = lf.sample(200, num_steps=8, generator=torch.Generator().manual_seed(1),
+                       guidance=latent_classifier_guidance(classifier.eval(), 1, 2.0, velocity))
+    rate = lambda ts: sum((p := parse_synthetic(t)) is not None and p["area"] == "riverside" for t in ts) / len(ts)
+    assert rate(guided) > rate(texts) + 0.2, (rate(guided), rate(texts))
+
+
+def test_bad_inputs_raise(synthetic_vae):
+    vae, tokenizer, _, _ = synthetic_vae
+    lf = LanguageRectifiedFlow(vae, tokenizer, VelocityMLP(16, hidden_size=8, num_layers=1), LatentStats(
+        torch.zeros(16), torch.ones(16)))
+    with pytest.raises(ValueError, match="num_steps"):
+        lf.sample(2, num_steps=0)
+    with pytest.raises(ValueError, match="needs a classifier"):
+        latent_classifier_guidance(None, 0, 1.0, lf.velocity)
+    with pytest.raises(ValueError, match="empty sentence"):
+        lf.encode([""])
+    with pytest.raises(ValueError, match="max_length"):
+        lf.encode(["zizzi " * 30])
+    with pytest.raises(ValueError, match="not in the vocabulary"):
+        lf.encode(["zizzi serves sushi"])
+    with pytest.raises(ValueError, match="needs guidance"):
+        lf.edit(["zizzi is a cheap italian restaurant in the riverside . it has great reviews ."])
+
+
+def test_config_options_are_checked():
+    assert config_for("small", {"vae_steps": 5}).vae_steps == 5
+    assert config_for("small", {"step_grid": [1, 2]}).step_grid == (1, 2)
+    with pytest.raises(ValueError, match="Unknown langflow options"):
+        config_for("small", {"vae_step": 5})
+    with pytest.raises(ValueError, match="Unknown preset"):
+        config_for("huge")
