@@ -1,0 +1,312 @@
+"""Tests for `alignbook.sfd`: the SiD loss identity, the trainer's isolation and SiD limit, and a 2-D forgetting run."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from alignbook.sfd import (
+    OneStepGenerator, SFDConfig, SFDTrainer, VPSchedule, class_conditional_unet, ddim_sample, experiment_config,
+    fake_score_loss, forgetting_metrics, frechet_distance, gaussian_mixture, LabelledEpsMLP, mixture_means,
+    predict_eps, random_batches, sample_override_labels, sid_generator_loss, sid_loss_from_denoised,
+    teacher_loss_fn,
+)
+from alignbook.train import train as shared_train
+
+torch.set_num_threads(1)
+SCHEDULE = VPSchedule()
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return class_conditional_unet(block_out_channels=(16, 32), seed=0).eval()
+
+
+def _max_grad(module):
+    return max(p.grad.abs().max().item() for p in module.parameters() if p.grad is not None)
+
+
+def test_sigma_at_t_init():
+    assert SCHEDULE.sigma(torch.tensor([440])).item() == pytest.approx(2.502, abs=1e-3)
+    assert SCHEDULE.t_for_sigma(2.5) == 440
+
+
+def test_ve_form_of_noisy_sample():
+    x0, noise, t = torch.randn(3, 1, 4, 4), torch.randn(3, 1, 4, 4), torch.tensor([10, 440, 900])
+    x_t = SCHEDULE.add_noise(x0, noise, t)
+    ve = x0 + SCHEDULE.sigma(t).view(-1, 1, 1, 1) * noise
+    torch.testing.assert_close(x_t / SCHEDULE.a(t).view(-1, 1, 1, 1), ve, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("alpha", [0.5, 1.0, 1.2])
+def test_sid_identity_float64(alpha):
+    g = torch.Generator().manual_seed(0)
+    f_phi, f_psi, x_g = (torch.randn(6, 1, 4, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    loss = sid_loss_from_denoised(f_phi, f_psi, x_g, alpha=alpha, use_omega=False, reduction="none")
+    diff = (f_phi - f_psi).flatten(1)
+    expanded = (1 - alpha) * diff.square().sum(1) + (diff * (f_psi - x_g).flatten(1)).sum(1)
+    torch.testing.assert_close(loss, expanded, rtol=0, atol=1e-10)
+
+
+def test_sid_loss_shapes_and_reductions():
+    f_phi, f_psi, x_g = torch.randn(5, 1, 4, 4), torch.randn(5, 1, 4, 4), torch.randn(5, 1, 4, 4)
+    per_sample = sid_loss_from_denoised(f_phi, f_psi, x_g, reduction="none")
+    assert per_sample.shape == (5,)
+    torch.testing.assert_close(sid_loss_from_denoised(f_phi, f_psi, x_g), per_sample.mean())
+    torch.testing.assert_close(sid_loss_from_denoised(f_phi, f_psi, x_g, reduction="sum"), per_sample.sum())
+    with pytest.raises(ValueError, match="reduction must be"):
+        sid_loss_from_denoised(f_phi, f_psi, x_g, reduction="avg")
+
+
+def test_omega_is_stop_gradient():
+    g = torch.Generator().manual_seed(1)
+    f_phi = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    f_psi, x_g = torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64), torch.randn(4, 1, 3, 3, generator=g, dtype=torch.float64)
+    grad, = torch.autograd.grad(sid_loss_from_denoised(f_phi, f_psi, x_g, alpha=1.2), f_phi)
+    omega = (f_phi.detach() - x_g).abs().mean(dim=(1, 2, 3), keepdim=True)
+    diff = f_phi - f_psi
+    reference = ((diff * ((f_phi - x_g) - 1.2 * diff)) / omega).flatten(1).sum(1).mean()
+    grad_ref, = torch.autograd.grad(reference, f_phi)
+    torch.testing.assert_close(grad, grad_ref, rtol=0, atol=1e-10)
+
+
+def test_generator_init_is_teacher_one_step(teacher):
+    generator = OneStepGenerator(copy.deepcopy(teacher), SCHEDULE, t_init=440)
+    z, c = torch.randn(3, 1, 8, 8), torch.tensor([0, 4, 9])
+    t = torch.full((3,), 440)
+    a, b = SCHEDULE.a(t).view(-1, 1, 1, 1), SCHEDULE.b(t).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        expected = (b * z - b * predict_eps(teacher, b * z, t, c)) / a
+        torch.testing.assert_close(generator(z, c), expected)
+    assert generator(z, c).shape == z.shape
+
+
+def test_fake_loss_zero_for_true_noise():
+    x0 = torch.randn(4, 1, 4, 4)
+
+    class TrueNoise(nn.Module):
+        def forward(self, x_t, t, cond):
+            return (x_t - SCHEDULE.a(t).view(-1, 1, 1, 1) * x0) / SCHEDULE.b(t).view(-1, 1, 1, 1)
+
+    loss = fake_score_loss(TrueNoise(), x0, None, SCHEDULE, reduction="none", generator=torch.Generator().manual_seed(0))
+    assert loss.shape == (4,)
+    assert loss.abs().max().item() < 1e-8
+
+
+def test_fake_loss_minimised_by_generator_score():
+    m, s = 0.3, 0.5
+    x_gen = m + s * torch.randn(20_000, 1, 2, 2, generator=torch.Generator().manual_seed(0))
+
+    class GaussianScore(nn.Module):
+        def __init__(self, mean, std):
+            super().__init__()
+            self.mean, self.std = mean, std
+
+        def forward(self, x_t, t, cond):
+            a, b = SCHEDULE.a(t).view(-1, 1, 1, 1), SCHEDULE.b(t).view(-1, 1, 1, 1)
+            return b * (x_t - a * self.mean) / (a ** 2 * self.std ** 2 + b ** 2)
+
+    def loss(mean, std):
+        return fake_score_loss(GaussianScore(mean, std), x_gen, None, SCHEDULE,
+                               generator=torch.Generator().manual_seed(1)).item()
+
+    a2 = SCHEDULE.a(torch.arange(38, 712)) ** 2
+    closed_form = (4 * a2 * s ** 2 / (a2 * s ** 2 + 1 - a2)).mean().item()
+    assert loss(m, s) == pytest.approx(closed_form, abs=0.03)
+    for mean, std in [(0.0, 0.5), (0.3, 0.3), (0.3, 0.8)]:
+        assert loss(mean, std) > loss(m, s) + 0.01
+
+
+def test_keep_term_zero_at_init(teacher):
+    labels = torch.arange(1, 9)
+    keep = SFDTrainer(teacher, SFDConfig.small(batch_size=8, lambda_forget_gen=0.0))
+    loss, _ = keep.generator_loss(labels)
+    assert loss.item() == 0.0
+    loss.backward()
+    assert _max_grad(keep.generator) < 1e-6
+
+
+def test_forget_term_gradient_nonzero(teacher):
+    labels = torch.arange(1, 9)
+    forget = SFDTrainer(teacher, SFDConfig.small(batch_size=8, lambda_remain_gen=0.0))
+    loss, _ = forget.generator_loss(labels)
+    loss.backward()
+    assert _max_grad(forget.generator) > 1e-3
+
+
+def test_parameter_isolation(teacher):
+    trainer = SFDTrainer(teacher, SFDConfig.small(batch_size=4))
+    before = {k: v.clone() for k, v in trainer.teacher.state_dict().items()}
+    labels = torch.tensor([1, 2, 3, 4])
+    trainer.generator_step(labels)
+    assert all(p.grad is None for p in trainer.teacher.parameters())
+    assert all(p.grad is None for p in trainer.fake.parameters())
+    generator_grads = [p.grad.clone() for p in trainer.generator.parameters()]
+    trainer.fake_step(labels)
+    for grad, p in zip(generator_grads, trainer.generator.parameters()):
+        assert torch.equal(grad, p.grad)
+    for _ in range(2):
+        trainer.step(labels)
+    for key, value in trainer.teacher.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_zero_forget_weight_is_sid(teacher):
+    config = SFDConfig.small(batch_size=4, lambda_forget_fake=0.0, lambda_forget_gen=0.0)
+    labels = torch.tensor([1, 2, 3, 4])
+    trainer = SFDTrainer(teacher, config)
+    trainer_losses = [tuple(trainer.step(labels).values()) for _ in range(2)]
+
+    rng = torch.Generator().manual_seed(config.seed)
+    generator = OneStepGenerator(copy.deepcopy(teacher).requires_grad_(True), SCHEDULE, config.t_init)
+    fake = copy.deepcopy(teacher).requires_grad_(True)
+    opt_fake = torch.optim.Adam(fake.parameters(), lr=config.lr_fake, betas=config.betas)
+    opt_gen = torch.optim.Adam(generator.parameters(), lr=config.lr_gen, betas=config.betas)
+    reference_losses = []
+    for _ in range(2):
+        opt_fake.zero_grad()
+        with torch.no_grad():
+            x_g = generator(torch.randn((4, 1, 8, 8), generator=rng), labels)
+        loss_fake = fake_score_loss(fake, x_g, labels, SCHEDULE, generator=rng)
+        loss_fake.backward()
+        torch.nn.utils.clip_grad_value_(fake.parameters(), 1.0)
+        opt_fake.step()
+        opt_gen.zero_grad()
+        fake.requires_grad_(False)
+        x_g = generator(torch.randn((4, 1, 8, 8), generator=rng), labels)
+        loss_gen = sid_generator_loss(teacher, fake, x_g, labels, labels, SCHEDULE, generator=rng)
+        loss_gen.backward()
+        torch.nn.utils.clip_grad_value_(generator.parameters(), 1.0)
+        opt_gen.step()
+        fake.requires_grad_(True)
+        reference_losses.append((loss_fake.item(), loss_gen.item()))
+    torch.testing.assert_close(torch.tensor(trainer_losses), torch.tensor(reference_losses))
+    for p, q in zip(trainer.generator.parameters(), generator.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_shared_loop_matches_steps_and_resumes(teacher, tmp_path):
+    config = SFDConfig.small(batch_size=4)
+    labels = torch.tensor([1, 2, 3, 4])
+    manual = SFDTrainer(teacher, config)
+    for _ in range(3):
+        manual.step(labels)
+    first = SFDTrainer(teacher, config)
+    first.train(2, lambda n, generator: labels, checkpoint_dir=tmp_path, checkpoint_every=2, progress=False)
+    resumed = SFDTrainer(teacher, config)
+    history = resumed.train(3, lambda n, generator: labels, checkpoint_dir=tmp_path, checkpoint_every=2,
+                            resume=True, progress=False)
+    assert [h["step"] for h in history] == [1, 2, 3]
+    for p, q in zip(manual.modules.parameters(), resumed.modules.parameters()):
+        torch.testing.assert_close(p, q)
+
+
+def test_save_and_load_generator(teacher, tmp_path):
+    trainer = SFDTrainer(teacher, SFDConfig.small(batch_size=4))
+    trainer.step(torch.tensor([1, 2, 3, 4]))
+    trainer.save_pretrained(tmp_path)
+    assert (tmp_path / "generator" / "diffusion_pytorch_model.safetensors").is_file()
+    loaded = OneStepGenerator.from_pretrained(tmp_path, "generator")
+    z, c = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z, c), trainer.generator(z, c))
+
+
+def test_data_free_contract_rejects_images(teacher):
+    trainer = SFDTrainer(teacher, SFDConfig.small(batch_size=4))
+    with pytest.raises(ValueError, match="takes labels, not images"):
+        trainer.step(torch.randn(4, 1, 8, 8))
+    with pytest.raises(ValueError, match="contain the forget label"):
+        trainer.step(torch.tensor([0, 1, 2, 3]))
+
+
+def test_bad_inputs(teacher):
+    with pytest.raises(ValueError, match="override_label equals forget_label"):
+        SFDConfig(forget_label=3, override_label=3)
+    with pytest.raises(ValueError, match="forget_label must be"):
+        SFDConfig(forget_label=10)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        SFDTrainer(teacher, SFDConfig.small(batch_size=4)).step(torch.tensor([1, 11]))
+    with pytest.raises(ValueError, match="t_init must be"):
+        SFDTrainer(teacher, SFDConfig.small(t_init=1000))
+    from diffusers import UNet2DModel
+    plain = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32),
+                        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
+    with pytest.raises(ValueError, match="no class embedding"):
+        SFDTrainer(plain, SFDConfig.small())
+
+
+def test_override_sampling_uniform():
+    draws = sample_override_labels(100_000, 4, 10, None, mode="rand", generator=torch.Generator().manual_seed(0))
+    counts = torch.bincount(draws, minlength=10).double()
+    assert counts[4].item() == 0
+    expected = 100_000 / 9
+    chi2 = ((counts[counts > 0] - expected) ** 2 / expected).sum().item()
+    assert chi2 < 26.1  # 0.999 quantile, 8 degrees of freedom
+    assert torch.equal(sample_override_labels(3, 0, 10, 1), torch.ones(3, dtype=torch.long))
+
+
+def test_forget_accuracy_normalised_by_forget_requests():
+    requested = torch.tensor([0] * 10 + [2] * 90)
+    predicted = torch.tensor([0] * 3 + [1] * 7 + [2] * 90)
+
+    class Fixed(nn.Module):
+        def forward(self, images):
+            return torch.nn.functional.one_hot(predicted, 10).float() * 10
+
+    metrics = forgetting_metrics(Fixed(), torch.zeros(100, 1, 8, 8), requested, 0, 1)
+    assert metrics["forget_acc"] == pytest.approx(0.3)
+    assert metrics["override_rate"] == pytest.approx(0.7)
+    assert metrics["remain_acc"] == pytest.approx(1.0)
+
+
+def test_frechet_distance_oracles():
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(300, 3, generator=g)
+    assert frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    std_s, std_t = torch.tensor([1.0, 2.0]), torch.tensor([1.5, 1.0])
+    x_s = torch.randn(200_000, 2, generator=g) * std_s
+    x_t = torch.randn(200_000, 2, generator=g) * std_t + torch.tensor([1.0, -1.0])
+    assert frechet_distance(x_s, x_t) == pytest.approx(2.0 + ((std_s - std_t) ** 2).sum().item(), abs=0.05)
+
+
+def test_experiment_options():
+    config = experiment_config("small", {"steps": "30", "lambda_forget": "0.1", "override_label": "7"})
+    assert config.sfd.n_iters == 30
+    assert config.sfd.lambda_forget_gen == config.sfd.lambda_forget_fake == 0.1
+    assert config.sfd.override_label == 7
+    with pytest.raises(ValueError, match="Unknown options"):
+        experiment_config("small", {"stepz": 3})
+
+
+def test_mixture_forget_component_moves_to_override():
+    g = torch.Generator().manual_seed(0)
+    points, labels = gaussian_mixture(20_000, generator=g)
+    torch.manual_seed(0)
+    teacher = LabelledEpsMLP()
+    shared_train(teacher, teacher_loss_fn(SCHEDULE, null_label=4, generator=g), random_batches(points, labels, 256, g),
+                 3000, lr=1e-3, progress=False)
+    teacher.eval()
+    requested = torch.arange(4).repeat_interleave(300)
+    ddim = ddim_sample(teacher, requested, (2,), SCHEDULE, generator=torch.Generator().manual_seed(1))
+    means = mixture_means()
+    for k in range(4):
+        assert (ddim[requested == k].mean(0) - means[k]).norm() < 0.1
+
+    def generated_means(lambda_forget):
+        config = SFDConfig(num_classes=4, forget_label=0, override_label=1, lr_fake=1e-4, lr_gen=1e-4,
+                           batch_size=128, n_iters=600, lambda_forget_fake=lambda_forget,
+                           lambda_forget_gen=lambda_forget, ema_decay=0.0)
+        trainer = SFDTrainer(teacher, config, schedule=SCHEDULE, sample_shape=(2,))
+        trainer.train(progress=False)
+        with torch.no_grad():
+            x = trainer.generator(torch.randn(1200, 2, generator=torch.Generator().manual_seed(2)), requested)
+        return torch.stack([x[requested == k].mean(0) for k in range(4)])
+
+    sfd_means, sid_means = generated_means(1.0), generated_means(0.0)
+    assert (sfd_means[0] - means[1]).norm() < 0.3
+    assert (sid_means[0] - means[0]).norm() < 0.3
+    for k in (1, 2, 3):
+        assert (sfd_means[k] - means[k]).norm() < 0.4
