@@ -204,10 +204,10 @@ def test_lbfgs_reaches_lm_minimiser():
     spec = config.router_spec("perturbed")
     lm, lm_info = fit_least_squares(X, Y, init, spec, optimizer="lm")
     lbfgs, lbfgs_info = fit_least_squares(X, Y, init, spec, optimizer="lbfgs")
-    # L-BFGS on the summed loss stops a little short of LM's minimiser: same MSE to 1e-12, parameters to 1e-4.
+    # In a flat valley (here replication 1) both optimisers stop where a step lowers the loss by less than
+    # their tolerance, so they agree to 1e-12 in MSE but only to about 1e-5 in the parameters.
     torch.testing.assert_close(lbfgs.beta1, lm.beta1, rtol=0, atol=1e-4)
     torch.testing.assert_close(lbfgs_info["mse"], lm_info["mse"], rtol=0, atol=1e-12)
-    assert (lm_info["mse"] <= lbfgs_info["mse"] + 1e-15).all()
 
 
 def test_parameter_errors_radial_and_angle():
