@@ -183,8 +183,8 @@ def test_bad_inputs_raise():
         dpo_reg_loss(**batch, weighting="soft")
     with pytest.raises(ValueError, match="placeholder"):
         build_contrastive_prompts("Explain X.", better_template="Be good.")
-    one = {k: v[:1] for k, v in batch.items()}
-    assert dpo_reg_loss(**one)[0].shape == torch.Size([])
+    single_pair = {k: v[:1] for k, v in batch.items()}
+    assert dpo_reg_loss(**single_pair)[0].shape == torch.Size([])
 
 
 @pytest.fixture(scope="module")
