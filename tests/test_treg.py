@@ -275,8 +275,8 @@ def test_control_alpha_zero_reproduces_dpo():
 def test_control_treg_lowers_bad_rate_more():
     # Direction only, averaged over two seeds at the last checkpoint; magnitudes are recorded by the notebook.
     config = TREGConfig.small()
-    config.seeds, config.steps, config.eval_every, config.alphas = (0, 1), 150, 50, (1.0,)
-    config.samples_per_control, config.n_prompts, config.n_eval_samples = 10_000, 3_000, 2_000
+    config.seeds, config.steps, config.eval_every, config.alphas = (0, 1), 100, 50, (1.0,)
+    config.samples_per_control, config.n_prompts, config.n_eval_samples = 5_000, 2_000, 2_000
     summary = summarize_control_runs(run_control_experiment(config, progress=False))
     dpo, treg = summary["per_alpha"][0.0], summary["per_alpha"][1.0]
     assert summary["reward_auc_min"] > 0.9
