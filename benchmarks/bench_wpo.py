@@ -6,7 +6,7 @@ the weight computation dominate) and the same batch, so the ratios do not depend
 - our WPO step / our DPO step (goal <= 1.05): the weights add two chunked logsumexps over the logits;
 - our DPO step / TRL DPOTrainer step (goal <= 1.0): TRL 1.16 `DPOTrainer.training_step` on the same model and batch;
 - extra peak memory of `wpo_weights` over the logits it reads, next to the naive `softmax(z) ** 2` computation,
-  measured as the growth of the process's peak resident set size in a fresh subprocess.
+  measured as the growth of the peak resident set size (Linux VmHWM, reset before the call) in a subprocess.
 
 Run: `python benchmarks/bench_wpo.py` (about a minute on one CPU core; `--repeats N` for more timing samples).
 """
@@ -59,6 +59,7 @@ def trl_step_fn(model, reference):
     trainer = DPOTrainer(model=model, ref_model=reference, args=args, train_dataset=dataset,
                          processing_class=load_tokenizer("gpt2"))
     trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+    trainer.current_gradient_accumulation_steps = 1  # normally set by Trainer.train() before the first step
     trainer.model.train()
 
     def step(batch):
@@ -70,32 +71,38 @@ def trl_step_fn(model, reference):
 
 
 def time_steps(steps: dict, batch: dict, repeats: int, warmup: int = 2) -> dict[str, float]:
-    "Median seconds per step of each function, with the functions interleaved so load changes hit all of them."
+    "Median CPU seconds per step of each function (process time: robust to other jobs on a shared machine)."
     for fn in steps.values():
         for _ in range(warmup):
             fn(batch)
     samples = {name: [] for name in steps}
     for _ in range(repeats):
         for name, fn in steps.items():
-            start = time.perf_counter()
+            start = time.process_time()
             fn(batch)
-            samples[name].append(time.perf_counter() - start)
+            samples[name].append(time.process_time() - start)
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
 MEMORY_CHILD = r"""
-import resource, sys, torch
+import re, sys, torch
 from alignbook.wpo import wpo_weights
+
+def peak_kib():
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmHWM:\s+(\d+) kB", f.read()).group(1))
+
 n, t, v, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 logits = torch.randn(n, t, v)
 labels = torch.randint(0, v, (n, t)); labels[:, :t // 4] = -100
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with open("/proc/self/clear_refs", "w") as f:  # resets the peak resident set size to the current one (Linux >= 4.0)
+    f.write("5")
+before = peak_kib()
 if mode == "wpo":
     wpo_weights(logits, labels)
 else:
     (torch.softmax(logits[:, :-1], -1) ** 2).sum(-1)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) * 1024 / logits.nelement() / logits.element_size())
+print((peak_kib() - before) * 1024 / (logits.nelement() * logits.element_size()))
 """
 
 
@@ -124,7 +131,7 @@ def main():
     print(f"setting: GPT-2 (2 layers, width 64, vocab 50257), {PAIRS} pairs x {LENGTH} tokens, "
           f"{args.repeats} timed steps, 1 thread, torch {torch.__version__}")
     for name, value in seconds.items():
-        print(f"  {name:9s} {1000 * value:8.1f} ms/step (median)")
+        print(f"  {name:9s} {1000 * value:8.1f} CPU ms/step (median)")
     print(f"ratio WPO / DPO (ours):      {seconds['ours_wpo'] / seconds['ours_dpo']:.3f}  (goal <= 1.05)")
     print(f"ratio DPO ours / TRL DPO:    {seconds['ours_dpo'] / seconds['trl_dpo']:.3f}  (goal <= 1.0)")
     wpo_mem, naive_mem = extra_peak_memory("wpo"), extra_peak_memory("naive")

@@ -41,12 +41,21 @@ def make_trl_trainer(loss_type="sigmoid", beta=0.1, use_weighting=False, seed=0)
         for p in policy.parameters():
             p.add_(0.3 * torch.randn_like(p))
     dataset = Dataset.from_dict({"prompt": ["Hello"] * 2, "chosen": [" yes"] * 2, "rejected": [" no"] * 2})
-    args = trl.DPOConfig(output_dir="/tmp/alignbook_trl_test", report_to=[], use_cpu=True, beta=beta,
+    args = trl.DPOConfig(output_dir="/tmp/alignbook_trl_test", report_to=[], use_cpu=True, bf16=False, beta=beta,
                          loss_type=[loss_type], use_weighting=use_weighting, per_device_train_batch_size=2)
     trainer = trl.DPOTrainer(model=policy, ref_model=reference, args=args, train_dataset=dataset,
                              processing_class=tokenizer)
     trainer.model.eval()
     return trainer, policy, reference
+
+
+@pytest.fixture(autouse=True)
+def reset_accelerate_state():
+    "Forget the process-wide accelerate state a DPOTrainer leaves behind, so later tests can build their own."
+    yield
+    from accelerate.state import AcceleratorState, PartialState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    PartialState._reset_state()
 
 
 def make_batch(vocab_size, n_pairs=3, length=9, seed=1):

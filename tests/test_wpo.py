@@ -9,7 +9,7 @@ import torch
 pytest.importorskip("trl")
 
 from alignbook.wpo import WPOLoss
-from test_preference import RTOL, make_batch, make_trl_trainer, our_logps
+from test_preference import RTOL, make_batch, make_trl_trainer, our_logps, reset_accelerate_state  # noqa: F401
 
 
 @torch.no_grad()
