@@ -1,10 +1,10 @@
 """Wall time of the moe chapter's estimation-rate simulation, vectorised over replications against one fit at a time.
 
-Runs `rate_experiment` over the whole default grid (`MoERateConfig.small()`: 7 sample sizes from 1e3 to 1e5,
-8 replications, linear, cosine and perturbed routers) twice in the same process: once with every sample
-size's replications fitted together (the anchor is the one-by-one run), once fitting them one by one. It prints
-both wall and CPU times, the speed-ups, and the largest difference between the two runs' metrics, which should be at
-round-off level because each replication keeps its own optimiser state.
+The default grid is `MoERateConfig.small()`: 7 sample sizes from 1e3 to 1e5, 8 replications, and the linear,
+cosine and perturbed routers. The script runs `rate_experiment` over it twice in the same process. The first
+run fits all replications of a sample size together; the second fits them one by one and is the anchor. It
+prints both wall and CPU times, the speed-ups, and the largest difference between the two runs' metrics. That
+difference stays far below the estimation errors because each replication keeps its own optimiser state.
 
     python benchmarks/bench_moe.py                   # full default grid
     python benchmarks/bench_moe.py --ns 1000 4000 --reps 4   # a quick check

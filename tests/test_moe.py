@@ -222,7 +222,8 @@ def test_slope_of_exact_power_law():
     ns = np.array([1e3, 2e3, 4e3, 8e3])
     slope, (lo, hi) = empirical_rate(ns, 2.0 * ns[:, None] ** -0.5 * np.ones((4, 6)))
     assert abs(slope + 0.5) <= 1e-12
-    assert abs(lo + 0.5) <= 1e-12 and abs(hi + 0.5) <= 1e-12
+    assert abs(lo + 0.5) <= 1e-12
+    assert abs(hi + 0.5) <= 1e-12
 
 
 @pytest.mark.skipif(os.environ.get("ALIGNBOOK_SLOW") != "1", reason="about a CPU minute; set ALIGNBOOK_SLOW=1")
