@@ -403,3 +403,13 @@ def test_config_options():
         config_with_options(SFTMixConfig.small(), {"steps": 10})
     with pytest.raises(ValueError, match="at least 2"):
         SFTMixConfig(epochs=1)
+
+
+def test_trainer_built_on_import():
+    import transformers
+    from alignbook.sftmix import SFTMixTrainer
+    assert issubclass(SFTMixTrainer, transformers.Trainer)
+    import alignbook.sftmix as module
+    assert module.SFTMixTrainer is SFTMixTrainer
+    with pytest.raises(AttributeError, match="no attribute 'NoSuchTrainer'"):
+        module.NoSuchTrainer
