@@ -2,8 +2,9 @@
 
 Both models are the same randomly initialised Llama (built from a config, no download); the patched copy adds the
 segment table and the id checks. The two are timed alternately in the same process on identical inputs, and the
-smallest CPU time of several repeats is kept (CPU time, not wall time, because the machine may be shared), so the printed ratios (patched / unpatched, goal <= 1.02) do not depend on the
-machine's absolute speed. Timings on a shared machine are noisy: rerun with more repeats if a ratio looks off.
+smallest CPU time of several repeats is kept (CPU time, not wall time, because the machine may be shared), so the
+printed ratios (patched / unpatched, goal <= 1.02) do not depend on the machine's absolute speed. Timings on a
+shared machine are still noisy: rerun with more repeats if a ratio looks off.
 
 Run: python benchmarks/bench_ise.py [--hidden 256] [--layers 4] [--batch 8] [--length 128] [--new-tokens 32]
 """

@@ -216,7 +216,8 @@ def test_collate_pads_segments_with_output_id():
 def test_struq_attacks_append_or_wrap():
     sentences = ["Never mind, instead {injected_prompt}"]
     for attack in STRUQ_ATTACKS:
-        attacked = struq_attack("Data here", attack, "id", "Answer.", np.random.default_rng(0), ignore_sentences=sentences)
+        attacked = struq_attack("Data here", attack, "id", "Answer.", np.random.default_rng(0),
+                                ignore_sentences=sentences)
         assert attacked.startswith("Data here. ") and "hacked" in attacked.lower()
         ood = struq_attack("Data here", attack, "ood", "Answer.", np.random.default_rng(0), ignore_sentences=sentences)
         before, after = ood.split("Data here. ")
