@@ -162,3 +162,26 @@ def test_config_options_are_checked():
         config_for("small", {"vae_step": 5})
     with pytest.raises(ValueError, match="Unknown preset"):
         config_for("huge")
+
+
+TINY_RUN = dict(vae_steps=3, beta_anneal_steps=2, flow_steps=3, ddpm_steps=3, transfer_steps=3, classifier_steps=3,
+                lm_steps=3, num_reflow_pairs=32, num_transfer_pairs=32, reflow_solver_steps=3, num_samples=16,
+                num_reference=32, step_grid=(1, 4), ddpm_sample_steps=5, num_edit=8, num_reconstruct=16,
+                hidden_size=32, flow_hidden=32, lm_hidden_size=32)
+
+
+@pytest.mark.parametrize("backbone,training", [("gru", "lexicographic"), ("transformer", "two_stage")])
+def test_run_experiment_end_to_end(backbone, training):
+    from alignbook.langflow import run_experiment
+    config = config_for("small", {**TINY_RUN, "backbone": backbone, "training": training,
+                                  "joint_steps": 2 if training != "two_stage" else 0})
+    out = run_experiment(config)
+    assert set(out["generation"]["2-RF"]) == {1, 4}
+    assert set(out["generation"]["DDPM"]) == {1, 4, 5}
+    assert out["editing"]["num_sentences"] > 0
+    assert len(out["joint_history"] if training != "two_stage" else out["vae_history"]) in (2, 3)
+    for name in ("1-RF", "2-RF", "DDPM"):
+        for metrics in out["generation"][name].values():
+            assert 0.0 <= metrics["distinct"] <= 1.0
+            assert metrics["ppl"] > 1.0
+            assert math.isfinite(metrics["w2"])
