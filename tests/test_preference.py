@@ -2,7 +2,7 @@
 
 TRL (1.16 when these tests were written) is a test-only dependency. Its loss lives in
 `DPOTrainer._compute_loss(model, inputs, return_outputs)`, which reads the per-token log-probs from a fused LM head
-patched onto the model; we feed the same model and batch through `alignbook.core.token_logps` and our losses.
+patched onto the model. The tests feed the same model and batch through `alignbook.core.token_logps` and our losses.
 """
 import copy
 import os
