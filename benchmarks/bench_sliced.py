@@ -5,12 +5,14 @@ For each (n, d, K, dtype) the script times, in one process and on the same tenso
 * our `sliced_wasserstein` and POT's `ot.sliced_wasserstein_distance`, forward and forward + backward, with torch
   inputs, and forward with NumPy inputs;
 * the bound: one projection GEMM of both point sets plus the fastest sort of both (K, n) projection matrices
-  available here (NumPy's `np.sort` on one thread or on row blocks in parallel, or `torch.sort`); for the
-  backward pass, a second GEMM (the gradient products have the same size as the projection);
+  available here. The candidates are NumPy's `np.sort` on one thread, `np.sort` on row blocks in parallel, and
+  `torch.sort`. The backward bound adds a second GEMM, because the gradient products have the projection's size;
 * direction sampling: SW with uniform directions against RPSW with random-path directions, same K.
 
 Every time is the median of `--repeats` runs after `--warmup` runs (fewer when one measurement exceeds
-`--budget` seconds, at least 3). Results print as a table: milliseconds, bound / time (1.0 means at the bound),
+`--budget` seconds, at least 3). `--clock cpu` times process CPU time instead of wall time. On a machine shared
+with other jobs, wall times of short calls include time spent descheduled, and CPU time with `--threads 1` is
+the stable measure of work. Results print as a table: milliseconds, bound / time (1.0 means at the bound),
 our speed-up over POT's faster backend, and RPSW's sampling overhead over SW.
 
     python benchmarks/bench_sliced.py            # default grid, a few minutes on 2 CPU cores
@@ -30,7 +32,7 @@ import torch
 
 from alignbook.sliced import _rows_in_parallel, rpsw, sliced_wasserstein
 
-DEFAULT_GRID = [  # (n, d, K): the reference point (1e4, 64, 256) and corners of the full grid
+DEFAULT_GRID = [  # (n, d, K): a mid-size point where sorting dominates, then corners of the full grid
     (10_000, 64, 256),
     (1_000, 3, 100),
     (10_000, 3, 100),
@@ -42,17 +44,17 @@ MAX_POINTS_TIMES_DIM = 5 * 10**7  # skip rule for CPU memory: n * d above this i
 MAX_POINTS_TIMES_DIRECTIONS = 10**8  # and neither is n * K above this
 
 
-def median_time(function, warmup: int, repeats: int, budget: float, synchronize) -> float:
-    "Median wall time of `function()` in seconds, after `warmup` calls; stops early past `budget` seconds."
+def median_time(function, warmup: int, repeats: int, budget: float, synchronize, clock=time.perf_counter) -> float:
+    "Median time of `function()` in seconds on `clock`, after `warmup` calls; stops early past `budget` seconds."
     for _ in range(warmup):
         function()
         synchronize()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = clock()
         function()
         synchronize()
-        times.append(time.perf_counter() - start)
+        times.append(clock() - start)
         if sum(times) > budget and len(times) >= 3:
             break
     return statistics.median(times)
@@ -89,7 +91,8 @@ def bench_config(n, d, n_proj, dtype, device, args) -> dict:
     Y = torch.randn(n, d, generator=g, dtype=dtype, device=device)
     proj = torch.randn(d, n_proj, generator=g, dtype=dtype, device=device)
     proj /= proj.norm(dim=0, keepdim=True)
-    timer = lambda f: median_time(f, args.warmup, args.repeats, args.budget, sync)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    timer = lambda f: median_time(f, args.warmup, args.repeats, args.budget, sync, clock)
     row = {"n": n, "d": d, "K": n_proj, "dtype": str(dtype).replace("torch.", ""), "device": device}
 
     theta = proj.T.contiguous()
@@ -155,13 +158,16 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--full", action="store_true", help="run the complete n x d x K grid (CPU: up to an hour)")
+    parser.add_argument("--full", action="store_true", help="run the complete n x d x K grid (estimate: up to an hour on 2 CPU cores)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads and sort threads")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtypes", default="float32,float64", help="comma-separated torch dtypes")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
-    parser.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls, of which the median is reported")
     parser.add_argument("--budget", type=float, default=3.0, help="seconds after which a measurement stops repeating")
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="wall: elapsed time; cpu: process CPU time summed over threads, which is stable on a "
+                             "loaded machine and equals the work done when --threads 1")
     parser.add_argument("--json", default="", help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -80,7 +80,9 @@ def test_backends_and_dtypes_preserved(clouds):
     value32 = rpsw(clouds[0].astype(np.float32), clouds[1].astype(np.float32), seed=0)
     assert isinstance(value32, np.float32)
     tensor = iwrpsw(torch.tensor(clouds[0], dtype=torch.float32), torch.tensor(clouds[1], dtype=torch.float32), seed=0)
-    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and tensor.dim() == 0
+    assert isinstance(tensor, torch.Tensor)
+    assert tensor.dtype == torch.float32
+    assert tensor.dim() == 0
 
 
 def test_float32_close_to_float64(clouds):
@@ -225,7 +227,9 @@ def test_gradients_reach_supports_for_every_variant():
                      distributional_sliced_wasserstein):
         xs = torch.randn(20, 3, generator=g, requires_grad=True)
         distance(xs, xt, seed=0).backward()
-        assert xs.grad is not None and torch.isfinite(xs.grad).all() and xs.grad.abs().sum() > 0, distance.__name__
+        assert xs.grad is not None, distance.__name__
+        assert torch.isfinite(xs.grad).all(), distance.__name__
+        assert xs.grad.abs().sum() > 0, distance.__name__
 
 
 def test_detach_weights_changes_only_gradient(clouds):
