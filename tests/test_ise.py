@@ -101,6 +101,19 @@ def test_cached_generate_equals_uncached(arch, num_beams):
     assert (last[:, 8:] == OUTPUT_ID).all()
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_forward_keeps_base_signature(arch, inputs):
+    import inspect
+    ids, segments = inputs
+    model = patched(arch)
+    base_parameters = inspect.signature(type(model).__mro__[2].forward).parameters
+    parameters = inspect.signature(model.forward).parameters
+    assert set(base_parameters) - {"self"} <= set(parameters)
+    assert "token_type_ids" in parameters
+    with torch.no_grad():  # generate passes logits_to_keep=1 only because the signature names it
+        assert model(ids, token_type_ids=segments, logits_to_keep=1).logits.shape == (2, 1, VOCAB)
+
+
 def test_bad_segment_ids_raise(inputs):
     ids, segments = inputs
     model = patched("llama")
