@@ -9,13 +9,15 @@ For each (n, d, K, dtype) the script times, in one process and on the same tenso
   `torch.sort`. The backward bound adds a second GEMM, because the gradient products have the projection's size;
 * direction sampling: SW with uniform directions against RPSW with random-path directions, same K.
 
-Every time is the median of `--repeats` runs after `--warmup` runs (fewer when one measurement exceeds
-`--budget` seconds, at least 3). `--clock cpu` times process CPU time instead of wall time. On a machine shared
-with other jobs, wall times of short calls include time spent descheduled, and CPU time with `--threads 1` is
-the stable measure of work. Results print as a table: milliseconds, bound / time (1.0 means at the bound),
-our speed-up over POT's faster backend, and RPSW's sampling overhead over SW.
+Every time is the median of `--repeats` runs after `--warmup` runs. Warm-up stops once it has taken `--budget`
+seconds, and timing stops past `--budget` seconds once 3 runs are in. `--clock cpu` times process CPU time
+instead of wall time. On a machine shared with other jobs, wall times of short calls include time spent
+descheduled, and CPU time with `--threads 1` is the stable measure of work. Results print as a table:
+milliseconds, bound / time (1.0 means at the bound), our speed-up over POT's faster backend, and RPSW's sampling
+overhead over SW.
 
-    python benchmarks/bench_sliced.py            # default grid, a few minutes on 2 CPU cores
+    python benchmarks/bench_sliced.py            # default grid, a few minutes on 2 idle CPU cores (estimate)
+    python benchmarks/bench_sliced.py --threads 1 --clock cpu   # the same, stable on a shared machine
     python benchmarks/bench_sliced.py --full     # n in {1e3, 1e4, 1e5}, d in {3, 64, 784}, K in {10, 100, 1000}
 """
 from __future__ import annotations
@@ -45,10 +47,13 @@ MAX_POINTS_TIMES_DIRECTIONS = 10**8  # and neither is n * K above this
 
 
 def median_time(function, warmup: int, repeats: int, budget: float, synchronize, clock=time.perf_counter) -> float:
-    "Median time of `function()` in seconds on `clock`, after `warmup` calls; stops early past `budget` seconds."
+    "Median time of `function()` in seconds on `clock`, after `warmup` calls; both loops stop early past `budget`."
+    warmup_start = clock()
     for _ in range(warmup):
         function()
         synchronize()
+        if clock() - warmup_start > budget:
+            break
     times = []
     for _ in range(repeats):
         start = clock()
@@ -164,7 +169,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", default="float32,float64", help="comma-separated torch dtypes")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls before timing")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls, of which the median is reported")
-    parser.add_argument("--budget", type=float, default=3.0, help="seconds after which a measurement stops repeating")
+    parser.add_argument("--budget", type=float, default=3.0, help="seconds after which warm-up and timing of one measurement stop repeating")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="wall: elapsed time; cpu: process CPU time summed over threads, which is stable on a "
                              "loaded machine and equals the work done when --threads 1")
