@@ -279,3 +279,19 @@ def test_small_preset_trains_both_arms(tmp_path):
     assert metrics["summary"]["metric"].startswith("mean robust accuracy")
     assert metrics["synthetic"]["completion_equals_two_turn"] == {"baseline": True, "ISE": False}
     assert (tmp_path / "ise" / "robust_accuracy_clean.png").is_file()
+
+
+def test_real_preset_with_tiny_stand_in(monkeypatch, tmp_path, tokenizer):
+    "The real preset end to end on the real data files, with a tiny Llama standing in for SmolLM2."
+    import alignbook.models
+    from alignbook.ise import reproduce
+    from alignbook.reproduce import ReproduceConfig
+    stand_in = tiny_causal_lm("llama", vocab_size=len(tokenizer), hidden_size=32, max_positions=2048)
+    monkeypatch.setattr(alignbook.models, "load_causal_lm", lambda name, device="cpu": stand_in)
+    monkeypatch.setattr(alignbook.models, "load_tokenizer", lambda name: tokenizer)
+    options = {"n_sft": 4, "n_eval": 1, "sft_batch_size": 2, "sft_micro_batch": 1, "max_length": 160,
+               "eval_max_new_tokens": 3}
+    metrics = reproduce(ReproduceConfig("ise", preset="real", out_dir=tmp_path, progress=False, options=options))
+    assert set(metrics["real"]["models"]) == {"base", "clean/sft", "clean/sft+ISE"}
+    assert metrics["summary"]["baseline"] == metrics["real"]["models"]["clean/sft"]["robust/mean"]
+    assert metrics["summary"]["method"] == metrics["real"]["models"]["clean/sft+ISE"]["robust/mean"]
