@@ -244,11 +244,11 @@ def test_gradients_reach_supports_for_every_variant():
 def test_detach_weights_changes_only_gradient(clouds):
     xs = torch.tensor(clouds[0], requires_grad=True)
     xt = torch.tensor(clouds[1])
-    kept, detached = iwrpsw(xs, xt, seed=0), iwrpsw(xs, xt, seed=0, detach_weights=True)
-    assert float(kept.detach()) == pytest.approx(float(detached.detach()), abs=EXACT)
-    (grad_kept,) = torch.autograd.grad(kept, xs)
+    through_weights, detached = iwrpsw(xs, xt, seed=0), iwrpsw(xs, xt, seed=0, detach_weights=True)
+    assert float(through_weights.detach()) == pytest.approx(float(detached.detach()), abs=EXACT)
+    (grad_through_weights,) = torch.autograd.grad(through_weights, xs)
     (grad_detached,) = torch.autograd.grad(detached, xs)
-    assert not torch.allclose(grad_kept, grad_detached)
+    assert not torch.allclose(grad_through_weights, grad_detached)
 
 
 def test_sum_versus_mean_reduction(clouds):
