@@ -274,7 +274,8 @@ def test_reproduce_rejects_unknown_option(tmp_path):
 def test_small_preset_trains_both_arms(tmp_path):
     from alignbook.ise import reproduce
     from alignbook.reproduce import ReproduceConfig
-    options = {"steps": 20, "n_train": 300, "n_test": 8, "hidden_size": 32, "intermediate_size": 64, "batch_size": 16}
+    options = {"steps": 20, "n_train": 300, "n_test": 8, "hidden_size": 32, "intermediate_size": 64, "batch_size": 16,
+               "variants": ["clean"]}
     metrics = reproduce(ReproduceConfig("ise", out_dir=tmp_path, progress=False, options=options))
     assert metrics["summary"]["metric"].startswith("mean robust accuracy")
     assert metrics["synthetic"]["completion_equals_two_turn"] == {"baseline": True, "ISE": False}
