@@ -185,3 +185,16 @@ def test_run_experiment_end_to_end(backbone, training):
             assert 0.0 <= metrics["distinct"] <= 1.0
             assert metrics["ppl"] > 1.0
             assert math.isfinite(metrics["w2"])
+
+
+def test_compare_joint_training_tiny():
+    from alignbook.langflow import compare_joint_training
+    results = compare_joint_training(config_for("small", TINY_RUN), extra_steps=2)
+    assert set(results) == {"two_stage", "lexicographic", "weighted"}
+    assert results["two_stage"]["lambda_active"] == 0.0
+    assert results["weighted"]["lambda_active"] == 0.0
+    assert 0.0 <= results["lexicographic"]["lambda_active"] <= 1.0
+    for metrics in results.values():
+        assert 0.0 <= metrics["rec_token"] <= 1.0
+        assert metrics["latent_rms"] > 0.0
+        assert math.isfinite(metrics["flow_loss"])
