@@ -129,7 +129,7 @@ def _title_from_frontmatter(nb) -> None:
 
 
 def chapter_banner(notebook: Path) -> str | None:
-    """Markdown naming the paper a chapter notebook implements, from the chapter registry."""
+    """Return Markdown naming the paper a chapter notebook implements, read from `alignbook.reproduce.CHAPTERS`."""
     from alignbook.reproduce import CHAPTERS
 
     module = _default_exp(notebook)
@@ -161,7 +161,7 @@ def insert_banner(path: Path, banner: str) -> None:
 
 
 def write_api_pages(src: Path) -> list[str]:
-    """One page per exported module with Sphinx autodoc."""
+    """Write one Sphinx autodoc page per exported module and return the page names."""
     pages = []
     modules = sorted(p.stem for p in (ROOT / "alignbook").glob("*.py") if not p.stem.startswith("_"))
     (src / "api").mkdir(parents=True, exist_ok=True)
@@ -179,7 +179,7 @@ def write_api_pages(src: Path) -> list[str]:
 
 
 def write_reproductions(src: Path, runs: Path) -> None:
-    """A page with runs/summary.md and each chapter's metrics and figures, when `alignbook reproduce` ran."""
+    """Write the reproductions page from runs/summary.md and each chapter's metrics and figures, when present."""
     lines = ["# Reproductions", ""]
     if not (runs / "summary.md").exists():
         lines += ["No reproduction results were found when this site was built. Run `alignbook reproduce all` "
