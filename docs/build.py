@@ -5,7 +5,7 @@ Steps: execute each notebook the way `nbdev_test` does (cells flagged `slow`, `g
 cells), add the reproduction results found under `runs/`, write one API page per module, then render with
 Sphinx and myst-nb, which never re-executes a cell.
 
-Usage: python docs/build.py [--no-execute] [--runs runs] [--out docs/_site] [--jobs 2]
+Usage: python docs/build.py [--no-execute] [--runs runs] [--out docs/_site] [--only STEM ...]
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ import re
 import shutil
 import subprocess
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,10 +44,10 @@ def execute_notebook(args: tuple[str, str, bool]) -> tuple[str, str]:
         def no_eval(cell):
             if cell.cell_type != "code" or "nbdev_export(" in cell.source:
                 return True
-            directives = getattr(cell, "directives_", {}) or {}
-            if directives.get("eval:", [""])[0].lower() == "false":
+            options = [line.strip()[2:].strip() for line in cell.source.splitlines() if line.strip().startswith("#|")]
+            if any(option.replace(" ", "") == "eval:false" for option in options):
                 return True
-            return bool(SKIP_FLAGS & set(directives))
+            return bool(SKIP_FLAGS & {word for option in options for word in option.split()})
 
         os.environ.setdefault("MPLBACKEND", "Agg")
         shell = CaptureShell(src)
@@ -230,7 +229,6 @@ def main(argv=None) -> int:
     parser.add_argument("--no-execute", action="store_true", help="render the notebooks without running them")
     parser.add_argument("--runs", default=str(ROOT / "runs"), help="folder written by `alignbook reproduce`")
     parser.add_argument("--out", default=str(DOCS / "_site"), help="output folder of the HTML site")
-    parser.add_argument("--jobs", type=int, default=2, help="notebooks executed in parallel")
     parser.add_argument("--only", nargs="*", default=None, help="notebook stems to include (default: all)")
     args = parser.parse_args(argv)
 
@@ -241,9 +239,12 @@ def main(argv=None) -> int:
     notebooks = sorted(p for p in NBS.rglob("*.ipynb") if not any(part.startswith((".", "_")) for part in p.parts))
     if args.only:
         notebooks = [p for p in notebooks if p.stem in args.only]
-    jobs = [(str(nb), str(src / section_of(nb) / nb.name), not args.no_execute) for nb in notebooks]
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        failures = [(s, e) for s, e in pool.map(execute_notebook, jobs) if e]
+    jobs = [(str(nb.resolve()), str(src / section_of(nb) / nb.name), not args.no_execute) for nb in notebooks]
+    # One notebook after another in this process: each gets its own IPython shell. NOTE: running them in a
+    # process pool killed the workers (BrokenProcessPool, cause not found), so there is no parallel option.
+    results = [execute_notebook(job) for job in jobs]
+    os.chdir(ROOT)
+    failures = [(s, e) for s, e in results if e]
     pages: dict[str, list[str]] = {}
     for nb in notebooks:
         dst = src / section_of(nb) / nb.name
