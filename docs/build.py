@@ -1,9 +1,9 @@
 """Build the alignbook website from the notebooks into docs/_site, offline.
 
-Steps: execute each notebook the way `nbdev_test` does (cells flagged `slow`, `gpu` or `notest` and
-`#| eval: false` cells are skipped), apply nbdev's documentation processors (directives, `show_doc`, hidden
-cells), add the reproduction results found under `runs/`, write one API page per module, then render with
-Sphinx and myst-nb, which never re-executes a cell.
+The build first executes each notebook the way `nbdev_test` does, so cells flagged `slow`, `gpu` or `notest` and
+`#| eval: false` cells are skipped. It then applies nbdev's documentation processors (directives, `show_doc`,
+hidden cells), adds the reproduction results found under `runs/` and one API page per module. Sphinx with myst-nb
+renders the result and never re-executes a cell.
 
 Usage: python docs/build.py [--no-execute] [--runs runs] [--out docs/_site] [--only STEM ...]
 """
