@@ -5,7 +5,9 @@
 # %% ../nbs/11_wpo.ipynb #4568f87d
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -18,12 +20,15 @@ from .preference import dpo_loss, ipo_loss, preference_metrics, simpo_loss
 logger = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'VOCAB_CHUNK_SIZE', 'WPO_ALIGNMENTS', 'WPO_BASES', 'log_collision_prob', 'wpo_token_stats',
-           'wpo_weights_from_stats', 'wpo_weights', 'pair_weights', 'WPOLoss', 'SyntheticPreferenceTask',
-           'sample_responses', 'make_preference_pairs', 'pair_batch', 'WPOExperimentConfig', 'fit_reference',
-           'weight_diagnostics', 'reward_and_kl', 'run_controlled_comparison', 'hh_experiment_config',
-           'sample_continuation', 'hh_weight_gap', 'run_hh_comparison', 'pair_weight_samples',
-           'plot_weights_and_frontier', 'wpo_experiment_config', 'reward_at_kl', 'reproduce']
+__all__ = ['logger', 'VOCAB_CHUNK_SIZE', 'WPO_ALIGNMENTS', 'WPO_BASES', 'WEIGHT_QUANTILES', 'log_collision_prob',
+           'wpo_token_stats', 'wpo_weights_from_stats', 'wpo_weights', 'pair_weights', 'WPOLoss',
+           'SyntheticPreferenceTask', 'sample_responses', 'make_preference_pairs', 'pair_batch', 'WPOExperimentConfig',
+           'fit_reference', 'weight_diagnostics', 'reward_and_kl', 'run_controlled_comparison', 'hh_experiment_config',
+           'sample_continuation', 'hh_weight_gap', 'run_hh_comparison', 'hh_turns', 'format_prompt', 'RealStudyConfig',
+           'load_study_model', 'load_study_pairs', 'study_collator', 'stack_pairs', 'sample_with_logits',
+           'step_log_weights', 'sampled_kl', 'reference_pass', 'sample_own_responses', 'summarize_log_weights',
+           'weight_gap_report', 'train_last_layers', 'evaluate_study', 'run_real_study', 'plot_real_study',
+           'pair_weight_samples', 'plot_weights_and_frontier', 'wpo_experiment_config', 'reward_at_kl', 'reproduce']
 
 # %% ../nbs/11_wpo.ipynb #5c56b6c5
 VOCAB_CHUNK_SIZE = 2048  # columns per chunk, so the temporaries are (rows, 2048) instead of (rows, V)
@@ -445,6 +450,7 @@ class WPOExperimentConfig:
     hh_beta: float = 0.1
     hh_gap_prompts: int = 64  # held-out hh-rlhf prompts for the own-sample vs human-response weight comparison
     hh_gap_new_tokens: int = 32  # max sampled response tokens for that comparison
+    real_study: RealStudyConfig | None = None  # pretrained-model study on AlpacaEval and hh-rlhf; None skips it
 
     @classmethod
     def small(cls) -> "WPOExperimentConfig":
@@ -453,14 +459,13 @@ class WPOExperimentConfig:
 
     @classmethod
     def real(cls) -> "WPOExperimentConfig":
-        "Both fractions, and SmolLM2-135M-Instruct on hh-rlhf pairs (about an hour on a CPU)."
-        return cls(hh_model="smollm2", hh_steps=100, hh_sft_steps=0, hh_n_train=400)
+        "Both fractions of the controlled task (one seed), and SmolLM2-135M-Instruct on AlpacaEval and hh-rlhf pairs."
+        return cls(seeds=1, hh=False, real_study=RealStudyConfig())
 
     @classmethod
     def paper(cls) -> "WPOExperimentConfig":
-        "Llama-3-8B-Instruct on hh-rlhf with the official beta 0.01 and lr 1e-6; batch and optimiser of the DPO paper preset; GPUs."
-        return cls(steps=300, seeds=3, hh_model="meta-llama/Meta-Llama-3-8B-Instruct", hh_beta=0.01,
-                   hh_steps=1000, hh_sft_steps=0, hh_n_train=2000)
+        "The pretrained-model study with Llama-3-8B-Instruct and the official beta, lr and batch; GPUs."
+        return cls(steps=300, seeds=3, hh=False, real_study=RealStudyConfig.paper())
 
 # %% ../nbs/11_wpo.ipynb #582f3dd5
 def _nll_loss(model, batch):
@@ -671,6 +676,464 @@ def run_hh_comparison(
         out[name] = {"history": history, "eval": evaluate_pairs(policy, None, eval_batches, hh.beta)}
     return out
 
+# %% ../nbs/11_wpo.ipynb #16fc5e7e
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+def hh_turns(
+    prompt: str,  # hh-rlhf prompt "\n\nHuman: ...\n\nAssistant: ...\n\nAssistant:"
+) -> list[dict]:  # chat messages [{"role": "user" | "assistant", "content": ...}], ending with a user turn
+    "Split an hh-rlhf prompt into chat messages; the final empty assistant marker is dropped."
+    parts = _HH_TURN.split(prompt)        # ["", "Human", text, "Assistant", text, ..., "Assistant", ""]
+    if len(parts) < 3 or parts[0].strip():
+        raise ValueError(f"Not an hh-rlhf dialogue (no leading '\\n\\nHuman:' turn): {prompt[:60]!r}.")
+    messages = [{"role": "user" if speaker == "Human" else "assistant", "content": text.strip()}
+                for speaker, text in zip(parts[1::2], parts[2::2])]
+    if messages[-1]["role"] == "assistant" and not messages[-1]["content"]:
+        messages = messages[:-1]
+    return messages
+
+def format_prompt(
+    tokenizer,  # a Hugging Face tokenizer, with or without a chat template
+    prompt: str,  # an instruction, or an hh-rlhf dialogue when `source == "hh"`
+    source: Literal["alpaca", "hh"] = "alpaca",
+) -> str:  # the prompt text that the response follows directly
+    "Render a prompt with the tokenizer's chat template (generation prompt added), or as plain Human/Assistant text."
+    messages = hh_turns(prompt) if source == "hh" else [{"role": "user", "content": prompt.strip()}]
+    if tokenizer.chat_template:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    speakers = {"user": "Human", "assistant": "Assistant"}
+    return "".join(f"\n\n{speakers[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
+
+# %% ../nbs/11_wpo.ipynb #aa39c50a
+@dataclass
+class RealStudyConfig:
+    "Settings of the pretrained-model study: on- vs off-policy weights, then a short DPO vs WPO fine-tune."
+    model: str = "smollm2"  # "smollm2", a Hub id or folder, or "tiny-llama" / "tiny-gpt2" (random, for tests)
+    n_alpaca: int = 112  # AlpacaEval pairs (one per instruction, ties dropped), held-out ones included
+    n_hh: int = 112  # hh-rlhf harmless-base pairs, held-out ones included
+    n_eval: int = 64  # held-out pairs, half from each source, taken from the end of each source's selection
+    max_prompt_length: int = 64  # prompt tokens kept (the last ones)
+    max_response_length: int = 48  # response tokens kept, for data-set responses and own samples alike
+    n_sample_prompts: int = 96  # prompts (half from each source) for which the model samples its own responses
+    samples_per_prompt: int = 2  # own samples per prompt; two give an on-policy pair weight
+    steps: int = 40  # preference-optimisation steps of each method
+    batch_size: int = 4  # pairs per micro-batch
+    grad_accum: int = 1  # micro-batches per step
+    lr: float = 2e-5  # AdamW learning rate, the same for DPO and WPO
+    beta: float = 0.1
+    warmup_ratio: float = 0.1  # linear warm-up, then cosine decay (official configs)
+    max_grad_norm: float = 1.0  # Hugging Face Trainer default, kept by the official configs
+    train_last_layers: int | None = 2  # train only the last decoder blocks and the final norm; None trains all
+    eval_every: int | None = None  # held-out evaluation interval in steps; None evaluates after the last step only
+    n_kl_prompts: int = 32  # held-out prompts sampled by each policy for the KL estimate
+    generation_batch_size: int = 16  # sequences sampled at once
+    dtype: str = "float32"  # dtype the model weights are loaded in
+    device: str = "cpu"
+
+    @classmethod
+    def paper(cls) -> "RealStudyConfig":
+        "Llama-3-8B-Instruct with the official beta 0.01, lr 1e-6, 128 pairs per step, 2048/1800 tokens; GPUs."
+        return cls(model="meta-llama/Meta-Llama-3-8B-Instruct", n_alpaca=805, n_hh=2301, n_eval=300,
+                   max_prompt_length=1800, max_response_length=248, n_sample_prompts=300, steps=24, batch_size=2,
+                   grad_accum=64, lr=1e-6, beta=0.01, train_last_layers=None, eval_every=8, n_kl_prompts=128,
+                   dtype="bfloat16", device="cuda")
+
+# %% ../nbs/11_wpo.ipynb #2f73651d
+def load_study_model(
+    config: RealStudyConfig,
+    data_dir=None,  # data directory, for the GPT-2 tokenizer of the tiny test models
+):  # (tokenizer, model without dropout, in eval mode)
+    "Load the study's tokenizer and causal LM offline; 'tiny-<arch>' builds a random model over the GPT-2 tokenizer."
+    from alignbook.models import load_causal_lm, load_tokenizer, tiny_causal_lm
+    from alignbook.preference import disable_dropout
+    if config.model.startswith("tiny-"):
+        tokenizer = load_tokenizer("gpt2", data_dir=data_dir)
+        model = tiny_causal_lm(config.model.removeprefix("tiny-"), vocab_size=len(tokenizer), hidden_size=32,
+                               num_layers=3, num_heads=2,
+                               max_positions=config.max_prompt_length + config.max_response_length)
+    else:
+        tokenizer = load_tokenizer(config.model)
+        model = load_causal_lm(config.model, dtype=config.dtype, device=config.device)
+    return tokenizer, disable_dropout(model.to(config.device)).eval()
+
+def _unique_prompts(rows, count: int, name: str) -> list[dict]:
+    "The first `count` rows with distinct prompts."
+    seen, kept = set(), []
+    for row in rows:
+        if row["prompt"] not in seen:
+            seen.add(row["prompt"])
+            kept.append(row)
+        if len(kept) == count:
+            return kept
+    raise ValueError(f"{name} has only {len(kept)} pairs with distinct prompts, fewer than the {count} requested; "
+                     "lower the pair count.")
+
+def load_study_pairs(
+    config: RealStudyConfig,
+    tokenizer,
+    data_dir=None,
+) -> tuple[list[dict], list[dict]]:  # training rows, held-out rows: prompt_ids, chosen_ids, rejected_ids, source
+    "Encode AlpacaEval (ties dropped) and hh-rlhf pairs; each source's last n_eval/2 pairs are held out."
+    from alignbook.data import load_alpaca_eval_pairs, load_hh_rlhf
+    if config.n_eval % 2 or not 0 < config.n_eval // 2 < min(config.n_alpaca, config.n_hh):
+        raise ValueError(f"n_eval={config.n_eval} must be even, with n_eval/2 below n_alpaca={config.n_alpaca} and "
+                         f"n_hh={config.n_hh}, so both sources keep training pairs.")
+    collator = study_collator(config, tokenizer)
+    train_rows, eval_rows = [], []
+    for source, rows, count in (("alpaca", load_alpaca_eval_pairs(data_dir=data_dir), config.n_alpaca),
+                                ("hh", load_hh_rlhf(data_dir=data_dir), config.n_hh)):
+        encoded = []
+        for row in _unique_prompts(rows, count, source):
+            prompt = format_prompt(tokenizer, row["prompt"], source)
+            prompt_ids, chosen = collator.encode(prompt, row["chosen"])
+            _, rejected = collator.encode(prompt, row["rejected"])
+            encoded.append({"prompt_ids": prompt_ids, "chosen_ids": chosen[:config.max_response_length],
+                            "rejected_ids": rejected[:config.max_response_length], "source": source})
+        train_rows += encoded[:count - config.n_eval // 2]
+        eval_rows += encoded[count - config.n_eval // 2:]
+    return train_rows, eval_rows
+
+def study_collator(config: RealStudyConfig, tokenizer):
+    "The `PairCollator` that truncates prompts as the study does and pads its batches."
+    from alignbook.data import PairCollator
+    return PairCollator(tokenizer, max_length=config.max_prompt_length + config.max_response_length,
+                        max_prompt_length=config.max_prompt_length)
+
+def stack_pairs(
+    rows: list[dict],  # encoded rows from `load_study_pairs`
+    collator,  # `study_collator(...)`, which pads and masks the prompt labels
+) -> dict:  # input_ids, attention_mask, labels: (2B, T), chosen rows first, right-padded
+    "Stack encoded pairs into one preference batch, chosen rows first."
+    return collator.pad([(r["prompt_ids"], r["chosen_ids"]) for r in rows] +
+                        [(r["prompt_ids"], r["rejected_ids"]) for r in rows])
+
+# %% ../nbs/11_wpo.ipynb #411b4d5b
+@torch.no_grad()
+def sample_with_logits(
+    model,  # causal LM
+    prompts: list[list[int]],  # n prompts as token ids
+    max_new_tokens: int,
+    eos_token_id: int | None,  # a response ends after this token
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+) -> tuple[list[list[int]], Tensor]:  # n responses (EOS included), (n, S, V) float32 logits of the S sampling steps
+    "Ancestral sampling at temperature 1 with a KV cache; returns the responses and the logits that produced them."
+    device = next(model.parameters()).device
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)   # (n, T_p)
+    mask = torch.zeros_like(ids)                                                            # (n, T_p)
+    for i, prompt in enumerate(prompts):  # left padding, so every row's next token sits in the last column
+        ids[i, width - len(prompt):] = torch.tensor(prompt)
+        mask[i, width - len(prompt):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)                                          # (n, T_p)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
+    tokens, step_logits = [], []
+    finished = torch.zeros(len(prompts), dtype=torch.bool, device=device)                  # (n,)
+    for _ in range(max_new_tokens):
+        logits = out.logits[:, -1].float()                                                   # (n, V)
+        token = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)        # (n, 1)
+        tokens.append(token)
+        step_logits.append(logits)
+        if eos_token_id is not None:
+            finished |= token.squeeze(-1) == eos_token_id
+        if finished.all():
+            break
+        mask = torch.cat([mask, torch.ones_like(token)], 1)                                  # (n, T + 1)
+        positions = positions[:, -1:] + 1                                                    # (n, 1)
+        out = model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values,
+                    use_cache=True)
+    sampled = torch.cat(tokens, 1).tolist()                                                  # n x S
+    responses = [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in sampled]
+    return responses, torch.stack(step_logits, 1)                                           # (n, S, V)
+
+def step_log_weights(
+    step_logits: Tensor,  # (n, S, V) logits of the sampling steps
+    responses: list[list[int]],  # n responses; response i scores its tokens with step_logits[i, :len]
+    alignment: Literal["sampled", "greedy", "none"] = "sampled",
+) -> Tensor:  # (n,) log w of each response
+    "log w of sampled responses from the logits of their own sampling steps (no shift: step s scores token s)."
+    n, steps, _ = step_logits.shape
+    labels = torch.full((n, steps + 1), -100, dtype=torch.long, device=step_logits.device)  # (n, S+1)
+    for i, response in enumerate(responses):
+        labels[i, 1:len(response) + 1] = torch.tensor(response)
+    # wpo_weights scores label t+1 with logits t, so one unused logits row goes at the end
+    padded = torch.cat([step_logits, step_logits[:, -1:]], 1)                                # (n, S+1, V)
+    return wpo_weights(padded, labels, alignment, log=True)
+
+# %% ../nbs/11_wpo.ipynb #d60bc806
+@torch.no_grad()
+def sampled_kl(
+    step_logits: Tensor,  # (n, S, V) policy logits of the sampling steps
+    reference_model,  # frozen reference
+    prompts: list[list[int]],  # n prompts
+    responses: list[list[int]],  # n sampled responses
+    collator,  # a `PairCollator`, which right-pads prompt + response
+) -> Tensor:  # (n,) sum over response tokens of KL(policy || reference) at each position, nats
+    "Per-sample sum_t KL(pi(.|x, y_<t) || pi_ref(.|x, y_<t)) over the positions of sampled responses."
+    sequences = list(zip(prompts, responses))
+    batch = collator.pad(sequences)                                                          # (n, T) each
+    device = next(reference_model.parameters()).device
+    ref_logits = reference_model(input_ids=batch["input_ids"].to(device),
+                                 attention_mask=batch["attention_mask"].to(device)).logits.float()  # (n, T, V)
+    kl = torch.zeros(len(sequences), device=device)                                          # (n,)
+    for i, (p, r) in enumerate(sequences):
+        log_p = torch.log_softmax(step_logits[i, :len(r)], -1)                               # (|y|, V)
+        log_q = torch.log_softmax(ref_logits[i, len(p) - 1:len(p) + len(r) - 1], -1)         # (|y|, V)
+        kl[i] = (log_p.exp() * (log_p - log_q)).sum()
+    return kl
+
+# %% ../nbs/11_wpo.ipynb #6fc29ff5
+@torch.no_grad()
+def reference_pass(
+    model,  # the initial policy, which is also the reference
+    rows: list[dict],  # encoded pairs; each gets `log_w_chosen` and `log_w_rejected` (floats)
+    collator,  # `study_collator(...)`
+    batch_size: int,  # pairs per batch
+    alignment: Literal["sampled", "greedy", "none"] = "sampled",
+) -> list[dict]:  # stacked pair batches with `reference_logps` (2B,)
+    "Stack `rows` into batches, store the summed reference log-probs in each and the WPO log-weights in each row."
+    device = next(model.parameters()).device
+    batches = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        batch = stack_pairs(chunk, collator)
+        labels = batch["labels"].to(device)
+        logits = model(input_ids=batch["input_ids"].to(device),
+                       attention_mask=batch["attention_mask"].to(device)).logits                     # (2B, T, V)
+        batch["reference_logps"] = sequence_logps(*token_logps(logits, labels)).float().cpu()       # (2B,)
+        log_w_chosen, log_w_rejected = wpo_weights(logits, labels, alignment, log=True).chunk(2)   # (B,) each
+        for row, chosen, rejected in zip(chunk, log_w_chosen.tolist(), log_w_rejected.tolist()):
+            row["log_w_chosen"], row["log_w_rejected"] = chosen, rejected
+        batches.append(batch)
+    return batches
+
+def sample_own_responses(
+    model,
+    rows: list[dict],  # encoded pairs whose prompts are sampled; each gets `own_log_w` (list of floats)
+    config: RealStudyConfig,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    generator: torch.Generator | None = None,
+    alignment: Literal["sampled", "greedy", "none"] = "sampled",
+) -> None:
+    "Sample `samples_per_prompt` responses per row and store their WPO log-weights and lengths in the row."
+    per_batch = max(1, config.generation_batch_size // config.samples_per_prompt)
+    for start in range(0, len(rows), per_batch):
+        chunk = rows[start:start + per_batch]
+        prompts = [r["prompt_ids"] for r in chunk for _ in range(config.samples_per_prompt)]
+        responses, step_logits = sample_with_logits(model, prompts, config.max_response_length, eos_token_id,
+                                                    pad_token_id, generator)
+        log_w = step_log_weights(step_logits, responses, alignment).view(len(chunk), -1)   # (rows, samples)
+        for i, row in enumerate(chunk):
+            row["own_log_w"] = log_w[i].tolist()
+            row["own_lengths"] = [len(r) for r in responses[i * config.samples_per_prompt:(i + 1) * config.samples_per_prompt]]
+
+# %% ../nbs/11_wpo.ipynb #40744ae3
+WEIGHT_QUANTILES = (0.1, 0.5, 0.9)  # quantiles of w reported for each group
+
+def summarize_log_weights(
+    log_w: Tensor,  # (n,) log-weights
+) -> dict[str, float]:  # n, mean_log_w, geo_mean_w, mean_w and the WEIGHT_QUANTILES of w
+    "Distribution summary of WPO weights given in log space."
+    w = log_w.double().exp()
+    quantiles = torch.quantile(w, torch.tensor(WEIGHT_QUANTILES, dtype=w.dtype))
+    return {"n": len(log_w), "mean_log_w": log_w.mean().item(), "geo_mean_w": log_w.double().mean().exp().item(),
+            "mean_w": w.mean().item(), **{f"q{round(100 * q)}_w": v.item() for q, v in zip(WEIGHT_QUANTILES, quantiles)}}
+
+def weight_gap_report(
+    rows: list[dict],  # rows with `log_w_chosen`, `log_w_rejected` and `own_log_w`
+) -> dict:  # per source ("alpaca", "hh", "all"): summaries of own / chosen / rejected w, pair omega, and the gaps
+    "Compare the WPO weights of own samples with those of the data-set responses, for the same prompts."
+    report = {}
+    for source in ("alpaca", "hh", "all"):
+        chunk = [r for r in rows if source in ("all", r["source"])]
+        if not chunk:
+            continue
+        own = torch.tensor([w for r in chunk for w in r["own_log_w"]])                         # (n * samples,)
+        chosen = torch.tensor([r["log_w_chosen"] for r in chunk])                               # (n,)
+        rejected = torch.tensor([r["log_w_rejected"] for r in chunk])                           # (n,)
+        entry = {"own": summarize_log_weights(own), "chosen": summarize_log_weights(chosen),
+                 "rejected": summarize_log_weights(rejected),
+                 "data_pair": summarize_log_weights(chosen + rejected)}
+        data = torch.cat([chosen, rejected])
+        entry["gap_response"] = math.exp(own.mean().item() - data.mean().item())
+        entry["frac_own_above_chosen"] = sum(r["own_log_w"][0] > r["log_w_chosen"] for r in chunk) / len(chunk)
+        if len(chunk[0]["own_log_w"]) >= 2:
+            own_pair = torch.tensor([r["own_log_w"][0] + r["own_log_w"][1] for r in chunk])    # (n,)
+            entry["own_pair"] = summarize_log_weights(own_pair)
+            entry["gap_pair"] = math.exp(own_pair.mean().item() - (chosen + rejected).mean().item())
+        entry["own_mean_length"] = sum(n for r in chunk for n in r["own_lengths"]) / len(own)
+        report[source] = entry
+    return report
+
+# %% ../nbs/11_wpo.ipynb #b2be2572
+def train_last_layers(
+    model,  # a causal LM with one nn.ModuleList of decoder blocks (Llama, Qwen2, GPT-2, ...)
+    n_layers: int | None,  # blocks to train, counted from the output; None trains every parameter
+) -> int:  # number of trainable parameters
+    "Freeze the model except its last `n_layers` decoder blocks and the final norm after them."
+    if n_layers is None:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return sum(p.numel() for p in model.parameters())
+    blocks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not blocks or not 1 <= n_layers <= len(blocks[0]):
+        raise ValueError(f"n_layers={n_layers} must lie in [1, {len(blocks[0]) if blocks else 0}], the number of "
+                         "decoder blocks, or be None to train every parameter.")
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    final_norm = getattr(base, "norm", None) or getattr(base, "ln_f", None)
+    if final_norm is None:
+        raise ValueError(f"No final norm ('norm' or 'ln_f') found on {type(base).__name__}; pass n_layers=None.")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for module in list(blocks[0][-n_layers:]) + [final_norm]:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+@torch.no_grad()
+def evaluate_study(
+    policy,
+    reference_model,
+    eval_batches: list[dict],  # held-out stacked pair batches with `reference_logps`
+    kl_prompts: list[list[int]],  # held-out prompts for the KL estimate
+    config: RealStudyConfig,
+    collator,
+    eos_token_id: int | None,
+    seed: int = 0,
+) -> dict[str, float]:  # eval/loss, eval/rewards/accuracies, eval/rewards/margins, eval/kl, eval/weights/...
+    "Held-out implicit-reward accuracy, DPO loss, log-weights of the held-out responses and sampled KL."
+    from alignbook.preference import preference_metrics, split_pairs
+    was_training = policy.training
+    policy.eval()
+    logps, refs, log_w = [], [], []
+    device = next(policy.parameters()).device
+    for batch in eval_batches:
+        labels = batch["labels"].to(device)
+        logits = policy(input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device)).logits                 # (2B, T, V)
+        logps.append(sequence_logps(*token_logps(logits, labels)).float().cpu())                 # (2B,)
+        log_w.append(wpo_weights(logits, labels, log=True).cpu())                                # (2B,)
+        refs.append(batch["reference_logps"])
+    pairs = [torch.cat([split_pairs(x)[k] for x in values]) for values in (logps, refs) for k in (0, 1)]
+    metrics = preference_metrics(*pairs, beta=config.beta)
+    generator = torch.Generator().manual_seed(seed)
+    kls = []
+    for start in range(0, len(kl_prompts), config.generation_batch_size):
+        prompts = kl_prompts[start:start + config.generation_batch_size]
+        responses, step_logits = sample_with_logits(policy, prompts, config.max_response_length, eos_token_id,
+                                                    collator.pad_id, generator)
+        kls.append(sampled_kl(step_logits, reference_model, prompts, responses, collator).cpu())
+    policy.train(was_training)
+    log_w_chosen, log_w_rejected = (torch.cat([split_pairs(x)[k] for x in log_w]) for k in (0, 1))
+    return {"eval/loss": dpo_loss(*pairs, beta=config.beta).item(),
+            "eval/rewards/accuracies": metrics["rewards/accuracies"],
+            "eval/rewards/margins": metrics["rewards/margins"],
+            "eval/likelihood_accuracy": (pairs[0] > pairs[1]).float().mean().item(),
+            "eval/kl": torch.cat(kls).mean().item(),
+            "eval/weights/log_chosen": log_w_chosen.mean().item(),
+            "eval/weights/log_rejected": log_w_rejected.mean().item()}
+
+# %% ../nbs/11_wpo.ipynb #9502ddf6
+def _study_optimizer(config: RealStudyConfig, policy):
+    "AdamW over the trainable parameters with linear warm-up and cosine decay over `config.steps`."
+    from transformers import get_cosine_schedule_with_warmup
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=config.lr)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, math.ceil(config.warmup_ratio * config.steps), config.steps)
+    return optimizer, scheduler
+
+def _reference_metrics(eval_batches: list[dict], eval_rows: list[dict]) -> dict[str, float]:
+    "Held-out metrics of the initial model from the reference pass: the policy equals the reference, so KL is 0."
+    from alignbook.preference import split_pairs
+    chosen, rejected = (torch.cat([split_pairs(b["reference_logps"])[k] for b in eval_batches]) for k in (0, 1))
+    return {"eval/likelihood_accuracy": (chosen > rejected).float().mean().item(), "eval/kl": 0.0,
+            "eval/weights/log_chosen": sum(r["log_w_chosen"] for r in eval_rows) / len(eval_rows),
+            "eval/weights/log_rejected": sum(r["log_w_rejected"] for r in eval_rows) / len(eval_rows)}
+
+def _sample_prompt_rows(train_rows: list[dict], count: int) -> list[dict]:
+    "The first count/2 training rows of each source (all of them if a source has fewer)."
+    return [r for source in ("alpaca", "hh") for r in [r for r in train_rows if r["source"] == source][:count // 2]]
+
+def run_real_study(
+    config: RealStudyConfig,
+    data_dir=None,
+    seed: int = 0,
+    progress: bool = False,
+    clamp_max: float | None = 1.0,  # pair-weight clamp of WPO
+    alignment: Literal["sampled", "greedy", "none"] = "sampled",
+) -> dict:  # weight report, reference metrics, per method the history and the final held-out metrics, sizes
+    "Measure on- vs off-policy WPO weights of a pretrained model, then fine-tune it with DPO and with WPO."
+    import copy
+    from alignbook.models import frozen_copy
+    from alignbook.train import train
+    tokenizer, model = load_study_model(config, data_dir)
+    collator = study_collator(config, tokenizer)
+    train_rows, eval_rows = load_study_pairs(config, tokenizer, data_dir)
+    train_batches = reference_pass(model, train_rows, collator, config.batch_size, alignment)
+    eval_batches = reference_pass(model, eval_rows, collator, config.batch_size, alignment)
+    sample_rows = _sample_prompt_rows(train_rows, config.n_sample_prompts)
+    sample_own_responses(model, sample_rows, config, tokenizer.eos_token_id, collator.pad_id,
+                         torch.Generator().manual_seed(seed), alignment)
+    reference = frozen_copy(model)
+    kl_prompts = [r["prompt_ids"] for r in eval_rows][:config.n_kl_prompts]
+    def eval_fn(policy):
+        return evaluate_study(policy, reference, eval_batches, kl_prompts, config, collator, tokenizer.eos_token_id,
+                              seed)
+    samples = {"own_log_w": [w for r in sample_rows for w in r["own_log_w"]],
+               "own_sources": [r["source"] for r in sample_rows for _ in r["own_log_w"]],
+               "log_w_chosen": [r["log_w_chosen"] for r in sample_rows],
+               "log_w_rejected": [r["log_w_rejected"] for r in sample_rows],
+               "sources": [r["source"] for r in sample_rows]}
+    out = {"weights": weight_gap_report(sample_rows), "reference": _reference_metrics(eval_batches, eval_rows),
+           "samples": samples, "sizes": {"train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+                                         "sample_prompts": len(sample_rows), "kl_prompts": len(kl_prompts)}}
+    for name, weighting in (("dpo", False), ("wpo", True)):
+        policy = copy.deepcopy(model)
+        out["trainable_parameters"] = train_last_layers(policy, config.train_last_layers)
+        loss = WPOLoss(beta=config.beta, alignment=alignment, clamp_max=clamp_max, weighting=weighting,
+                       track_weights=True)
+        optimizer, scheduler = _study_optimizer(config, policy)
+        history = train(policy, loss.closure(), train_batches, config.steps, optimizer=optimizer, scheduler=scheduler,
+                        grad_accum=config.grad_accum, max_grad_norm=config.max_grad_norm, progress=progress, seed=seed,
+                        eval_fn=eval_fn, eval_every=config.eval_every or config.steps)
+        out[name] = {"history": history, "eval": {k: v for k, v in history[-1].items() if k.startswith("eval/")}}
+        del policy
+    return out
+
+# %% ../nbs/11_wpo.ipynb #c7798fad
+def plot_real_study(
+    study: dict,  # output of `run_real_study`
+    title: str = "",
+):
+    "Violins of log10 w (own samples vs data-set responses, per source) and held-out accuracy against KL."
+    import matplotlib.pyplot as plt
+    samples = study["samples"]
+    groups = {}
+    for source in ("alpaca", "hh"):
+        groups[f"{source}\\nown samples"] = [w for w, s in zip(samples["own_log_w"], samples["own_sources"]) if s == source]
+        for kind in ("chosen", "rejected"):
+            groups[f"{source}\\ndata {kind}"] = [w for w, s in zip(samples[f"log_w_{kind}"], samples["sources"])
+                                                if s == source]
+    groups = {k: v for k, v in groups.items() if v}
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
+    left.violinplot([torch.tensor(v) / math.log(10) for v in groups.values()], showmedians=True)
+    left.set_xticks(range(1, len(groups) + 1), list(groups), fontsize=8)
+    left.set_ylabel("log10 w (per response, initial model)")
+    left.set_title("WPO weights: own samples vs data-set responses")
+    right.axhline(study["reference"]["eval/likelihood_accuracy"], color="gray", ls="--",
+                  label="initial model, likelihood ranking")
+    for name, color in (("dpo", "C0"), ("wpo", "C1")):
+        points = [(h["eval/kl"], h["eval/rewards/accuracies"]) for h in study[name]["history"] if "eval/kl" in h]
+        kl, accuracy = zip(*points)
+        right.plot(kl, accuracy, "o-", color=color, label=name.upper())
+    right.set_xlabel("KL(policy || reference) per response, nats (sampled)")
+    right.set_ylabel("held-out implicit-reward accuracy")
+    right.set_title("held-out accuracy vs KL, one point per evaluation")
+    right.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
 # %% ../nbs/11_wpo.ipynb #437a2ed2
 @torch.no_grad()
 def pair_weight_samples(
@@ -715,21 +1178,33 @@ def plot_weights_and_frontier(
 # %% ../nbs/11_wpo.ipynb #99a80bfa
 _WPO_PRESETS = {"small": WPOExperimentConfig.small, "real": WPOExperimentConfig.real, "paper": WPOExperimentConfig.paper}
 
+def _parse_option(current, value):
+    "Convert a `--set` string to the type of the field's current value; 'none' gives None."
+    text = str(value)
+    if text.lower() == "none":
+        return None
+    if isinstance(current, tuple):
+        return tuple(float(v) for v in text.split(",") if v)  # an empty string gives (), which skips the task
+    if isinstance(current, bool):
+        return text.lower() in ("1", "true", "yes")
+    if current is None:  # an optional number that is unset in the preset
+        return float(text) if any(c in text for c in ".e") else int(text)
+    return type(current)(value)
+
 def wpo_experiment_config(preset: str, options: dict | None = None) -> WPOExperimentConfig:
-    "The preset's `WPOExperimentConfig` with `options` (field -> value, from `--set`) applied."
+    "The preset's `WPOExperimentConfig` with `options` applied (field -> value; `real_study.<field>` for the study)."
     config = _WPO_PRESETS[preset]()
     for key, value in (options or {}).items():
-        if key not in config.__dataclass_fields__:
+        target, name = config, key
+        if key.startswith("real_study."):
+            if config.real_study is None:
+                raise ValueError(f"Option {key!r} needs the pretrained-model study; use --preset real or paper.")
+            target, name = config.real_study, key.removeprefix("real_study.")
+        if name not in target.__dataclass_fields__:
             raise ValueError(f"Unknown option {key!r} for the wpo chapter; valid options are "
-                             f"{sorted(config.__dataclass_fields__)}.")
-        current = getattr(config, key)
-        if isinstance(current, tuple):
-            value = tuple(float(v) for v in str(value).split(","))
-        elif isinstance(current, bool):
-            value = str(value).lower() in ("1", "true", "yes")
-        elif current is not None:
-            value = type(current)(value)
-        setattr(config, key, value)
+                             f"{sorted(config.__dataclass_fields__)} and real_study.<field> for the fields "
+                             f"{sorted(RealStudyConfig.__dataclass_fields__)}.")
+        setattr(target, name, _parse_option(getattr(target, name), value))
     return config
 
 def reward_at_kl(
@@ -762,7 +1237,7 @@ def _summarise_run(run: dict) -> dict:
 
 # %% ../nbs/11_wpo.ipynb #d2cc060c
 def reproduce(config) -> dict:
-    "Run the WPO chapter for a `ReproduceConfig`: controlled DPO-vs-WPO runs, hh-rlhf comparison, figures."
+    "Run the WPO chapter for a `ReproduceConfig`: controlled runs, hh-rlhf comparison, pretrained-model study, figures."
     from alignbook.reproduce import save_figure
     experiment = wpo_experiment_config(config.preset, config.options)
     runs, rows = [], []
@@ -785,8 +1260,8 @@ def reproduce(config) -> dict:
         save_figure(config, fig, f"wpo_controlled_f{round(100 * frac_off)}")
 
     metrics = {"controlled_runs": rows, "checks": checks, "clamp_max": experiment.clamp_max,
-               "alignment": experiment.alignment, "config": experiment.__dict__}
-    mean = lambda key: sum(r[key] for r in rows) / len(rows)
+               "alignment": experiment.alignment, "config": dataclasses.asdict(experiment)}
+    mean = lambda key: sum(r[key] for r in rows) / len(rows) if rows else float("nan")
     summary = {"metric": "true reward at matched KL (controlled task)", "baseline": mean("dpo_reward_at_matched_kl"),
                "method": mean("wpo_reward_at_matched_kl")}
     metrics["controlled_mean"] = {key: mean(key) for key in (
@@ -801,8 +1276,29 @@ def reproduce(config) -> dict:
                               "dpo_mean_weight_last": hh["dpo"]["history"][-1]["weights/mean"],
                               "vocab_size": hh["vocab_size"]}
         _save_hh_figure(config, hh, experiment)
+    if experiment.real_study is not None:
+        metrics["real_study"] = _run_and_report_study(config, experiment)
     metrics["summary"] = summary
     return metrics
+
+def _run_and_report_study(config, experiment: WPOExperimentConfig) -> dict:
+    "Run the pretrained-model study, save its figure and return its numbers."
+    from alignbook.reproduce import save_figure
+    study_config = experiment.real_study
+    study = run_real_study(study_config, config.data_dir, config.seed, config.progress, experiment.clamp_max,
+                           experiment.alignment)
+    fig = plot_real_study(study, title=f"{study_config.model}: {study['sizes']['sample_prompts']} prompts sampled; "
+                          f"{study_config.steps} steps of DPO and WPO, beta={study_config.beta}, lr={study_config.lr}, "
+                          f"last {study_config.train_last_layers or 'all'} layers, seed {config.seed}")
+    save_figure(config, fig, "wpo_real_study")
+    last = {name: study[name]["history"][-1] for name in ("dpo", "wpo")}
+    return {"weights": study["weights"], "reference": study["reference"], "sizes": study["sizes"],
+            "trainable_parameters": study["trainable_parameters"],
+            **{name: {**study[name]["eval"], "train/weights/mean_last": last[name]["weights/mean"],
+                      "train/weights/log_chosen_last": last[name]["weights/log_chosen"],
+                      "train/weights/log_rejected_last": last[name]["weights/log_rejected"],
+                      "train/weights/mean_first": study[name]["history"][0]["weights/mean"]}
+               for name in ("dpo", "wpo")}}
 
 # %% ../nbs/11_wpo.ipynb #aa6ed07a
 def _weight_samples_for_figure(run: dict) -> dict[str, Tensor]:
