@@ -13,16 +13,21 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastcore.basics import patch
+
 from .core import check_finite, check_shape, get_logger, set_seed
+from .data import parse_mr
 
 logger = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'AGGREGATIONS', 'SMALL_TOY_B', 'bound_rewards', 'GuidanceModel', 'aggregate', 'listmle_loss',
-           'reinforce_loss', 'reward_to_go', 'wmle_weights', 'wmle_loss', 'refit_steps', 'CountingEvaluator',
-           'GuidanceConfig', 'HiddenValueTask', 'sample_sequences', 'policy_logits', 'fit_guidance',
-           'train_with_guidance', 'spearman', 'guidance_by_token', 'run_toy_a', 'plot_value_vs_calls', 'NoisySortTask',
-           'run_toy_b', 'plot_toy_b', 'reproduce']
+__all__ = ['logger', 'AGGREGATIONS', 'E2E_SIZES', 'HAND_WRITTEN_PROMPT', 'SMALL_TOY_B', 'PARTS', 'PAPER_MODELS', 'bound_rewards',
+           'GuidanceModel', 'aggregate', 'listmle_loss', 'reinforce_loss', 'reward_to_go', 'wmle_weights', 'wmle_loss',
+           'refit_steps', 'CountingEvaluator', 'GuidanceConfig', 'HiddenValueTask', 'sample_sequences', 'policy_logits',
+           'fit_guidance', 'train_with_guidance', 'spearman', 'guidance_by_token', 'run_toy_a', 'plot_value_vs_calls',
+           'NoisySortTask', 'compare_wmle', 'run_toy_b', 'plot_toy_b', 'CompactVocab', 'HubVocab', 'linearize_mr',
+           'E2ETask', 'run_e2e', 'plot_e2e', 'gap_reward', 'PromptScorer', 'PromptPolicy', 'FewShotPromptTask',
+           'run_prompt_experiment', 'plot_prompts', 'reproduce']
 
 # %% ../nbs/13_guidance.ipynb #d54b7990
 def bound_rewards(
@@ -259,11 +264,31 @@ class GuidanceConfig:
     refit_every: int = 1000  # LM steps between refits
     refit_window: float = 0.5
     max_grad_norm: float = 5.0
+    top_k: int | None = None  # sample from the top-k tokens only (official prompt code: 256); None = unfiltered
+    log_true_value: bool = True  # guided steps also log the true R of their samples (uncounted; off when R is costly)
+    sequence_reward_norm: Literal["mean", "zscore"] = "mean"  # baseline's per-batch reward centring (or z-score)
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"Unknown aggregation {self.aggregation!r}; valid values are {list(AGGREGATIONS)}.")
+        if self.sequence_reward_norm not in ("mean", "zscore"):
+            raise ValueError(f"Unknown sequence_reward_norm {self.sequence_reward_norm!r}; valid values are "
+                             "['mean', 'zscore'].")
+        if self.num_candidates < 2 or self.num_candidates > self.pool_size:
+            raise ValueError(f"num_candidates={self.num_candidates} must lie in [2, pool_size={self.pool_size}], "
+                             "because lists draw candidates from the pool without replacement.")
 
     @classmethod
     def paper(cls) -> "GuidanceConfig":
         "Prompt-task settings of the official code."
         return cls(aggregation="sum", num_candidates=5)
+
+    @classmethod
+    def prompt_real(cls) -> "GuidanceConfig":
+        "Few-shot SST-2 prompts with SmolLM2 on a CPU: about 290 prompt evaluations per method."
+        return cls(aggregation="sum", num_candidates=5, lists_per_step=64, pool_size=16, guidance_lr=1e-3,
+                   guidance_steps=12, refit_steps=6, policy_lr=5e-4, policy_steps=150, samples_per_step=16,
+                   entropy_coef=0.125, refit_every=75, top_k=256, log_true_value=False, sequence_reward_norm="zscore")
 
     @classmethod
     def small(cls) -> "GuidanceConfig":
@@ -312,11 +337,17 @@ def sample_sequences(
     bos_id: int,
     allowed_vocab: int,  # sample only from the first `allowed_vocab` logits (excludes BOS)
     generator: torch.Generator | None = None,
+    top_k: int | None = None,  # keep the k most likely tokens at each step (1 = greedy); None = unfiltered
 ) -> Tensor:  # (N, T) sampled token ids
-    "Sample fixed-length sequences token by token from the unfiltered policy distribution."
+    "Sample fixed-length sequences token by token from the policy distribution, optionally top-k filtered."
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be >= 1 or None, got {top_k}.")
     tokens = torch.full((num_samples, 1), bos_id, dtype=torch.long)
     for _ in range(length):
         logits = policy(tokens).logits[:, -1, :allowed_vocab]                     # (N, V')
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]                        # (N, 1)
+            logits = logits.masked_fill(logits < kth, float("-inf"))
         nxt = torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)
         tokens = torch.cat([tokens, nxt], 1)
     return tokens[:, 1:]
@@ -329,7 +360,8 @@ def policy_logits(policy: nn.Module, tokens: Tensor, bos_id: int, allowed_vocab:
 # %% ../nbs/13_guidance.ipynb #e90158da
 def _guidance_batches(task, policy, evaluator, cfg: GuidanceConfig, generator):
     def batch(step: int):
-        pool = sample_sequences(policy, cfg.pool_size, task.length, task.bos_id, task.vocab_size, generator)
+        pool = sample_sequences(policy, cfg.pool_size, task.length, task.bos_id, task.vocab_size, generator,
+                                top_k=cfg.top_k)
         values = evaluator(pool)                                                     # (P,)
         lists = torch.stack([torch.randperm(cfg.pool_size, generator=generator)[:cfg.num_candidates]
                              for _ in range(cfg.lists_per_step)])                    # (L, K)
@@ -366,14 +398,19 @@ def fit_guidance(
 # %% ../nbs/13_guidance.ipynb #cc9b79ea
 def _policy_closure(task, guidance, evaluator, cfg: GuidanceConfig, weighting: str, generator):
     def loss_fn(policy, batch):
-        tokens = sample_sequences(policy, cfg.samples_per_step, task.length, task.bos_id, task.vocab_size, generator)
+        tokens = sample_sequences(policy, cfg.samples_per_step, task.length, task.bos_id, task.vocab_size, generator,
+                                  top_k=cfg.top_k)
         if weighting == "guidance":
             with torch.no_grad():
                 weights = guidance(tokens)                                           # (N, T)
-            true = task.evaluate(tokens)  # for logging only; not counted as evaluator calls
+            # the true value is logged only, never counted as evaluator calls
+            true = task.evaluate(tokens) if cfg.log_true_value else torch.tensor(float("nan"))
         else:
             true = evaluator(tokens)
-            weights = (true - true.mean())[:, None].expand_as(tokens)
+            centred = true - true.mean()
+            if cfg.sequence_reward_norm == "zscore":
+                centred = centred / true.std().clamp(min=1e-8)
+            weights = centred[:, None].expand_as(tokens)
         loss, metrics = reinforce_loss(policy_logits(policy, tokens, task.bos_id, task.vocab_size), tokens,
                                        weights, entropy_coef=cfg.entropy_coef)
         return loss, {**metrics, "reward/true": true.mean(), "evaluator/calls": float(evaluator.calls)}
@@ -496,6 +533,15 @@ class NoisySortTask:
             noisy[b, :n + 1] = torch.cat([corrupted + self.offset, torch.tensor([self.eos_id])])
         return {"input_ids": inputs, "attention_mask": (inputs != self.pad_id).long(), "clean": clean, "labels": noisy}
 
+    @property
+    def max_new_tokens(self) -> int:
+        "Generation cap: the longest target plus EOS, and one spare token."
+        return self.max_len + 2
+
+    def evaluate_batch(self, candidates: Tensor, batch: dict, repeats: int = 1) -> Tensor:  # (N*repeats,)
+        "ROUGE-L F1 of candidates against the batch's clean targets, each target repeated `repeats` times."
+        return self.evaluate(candidates, batch["clean"].repeat_interleave(repeats, 0))
+
     def _text(self, ids) -> str:
         return " ".join(str(i - self.offset) for i in ids if i >= self.offset)
 
@@ -532,96 +578,130 @@ def _strip_generated(sequences: Tensor, eos_id: int, pad_id: int) -> tuple[Tenso
     mask = (~after_eos) & (tokens != pad_id)
     return tokens.masked_fill(~mask, pad_id), mask.long()
 
+def _weighted_mle_closure(guidance: GuidanceModel | None):
+    def loss_fn(policy, batch):
+        labels = batch["labels"]
+        mask = (labels != -100).long()
+        if guidance is None:
+            rewards = mask.float()  # uniform guidance: per-sequence mean NLL (plain MLE)
+        else:
+            with torch.no_grad():
+                rewards = guidance(labels.clamp(min=0), mask, batch["input_ids"], batch["attention_mask"])
+        logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
+        return wmle_loss(logits, labels, rewards)
+    return loss_fn
+
+def _seq2seq_listmle_closure(lists: int, num_candidates: int, aggregation: str, step_generator):
+    def loss_fn(guidance, batch):
+        rewards = guidance(batch["tokens"], batch["mask"], batch["context"], batch["context_mask"])  # (L*K, T)
+        shape = (lists, num_candidates, -1)
+        scores = aggregate(rewards.view(shape), batch["mask"].view(shape), aggregation)             # (L, K)
+        loss = listmle_loss(scores, batch["values"].view(lists, num_candidates), generator=step_generator)
+        return loss, {"loss/listmle": loss.detach()}
+    return loss_fn
+
+def _seq2seq_guidance_data(task, policy, evaluator: CountingEvaluator, lists: int, num_candidates: int, generator):
+    @torch.no_grad()
+    def batch(step):
+        policy.eval()
+        src = task.sample(lists, generator)
+        out = policy.generate(input_ids=src["input_ids"], attention_mask=src["attention_mask"], do_sample=True,
+                              top_k=0, top_p=1.0, temperature=1.0, num_return_sequences=num_candidates,
+                              max_new_tokens=task.max_new_tokens)                            # (L*K, 1+T)
+        tokens, mask = _strip_generated(out, task.eos_id, task.pad_id)
+        mask[:, 0] = 1  # keep at least one position per candidate (an immediate EOS)
+        values = evaluator(tokens, (src, num_candidates))                                   # (L*K,)
+        return {"tokens": tokens, "mask": mask, "values": values,
+                "context": src["input_ids"].repeat_interleave(num_candidates, 0),
+                "context_mask": src["attention_mask"].repeat_interleave(num_candidates, 0)}
+    return batch
+
+def compare_wmle(
+    task,  # sample / evaluate_batch / policy / guidance / eos_id / pad_id / max_new_tokens, see above
+    eval_fn: Callable,  # policy -> held-out metric (higher is better)
+    warmup_steps: int = 300,  # plain MLE steps before the comparison (stands in for a pretrained start)
+    guidance_steps: int = 120,  # ListMLE steps of the first guidance fit
+    refit_steps_count: int = 50,  # ListMLE steps of each later refit
+    policy_steps: int = 400,  # LM steps of each method after the warm-up
+    refit_every: int = 150,  # LM steps between guidance refits (refits over the whole run)
+    batch_size: int = 64,
+    num_candidates: int = 3,  # K samples per context in a list (official summarisation default)
+    lists: int = 32,  # contexts (lists) per guidance step
+    aggregation: Literal["sum", "avg", "max", "min"] = "avg",  # official summarisation default
+    policy_lr: float = 1e-3,
+    guidance_lr: float = 5e-4,
+    max_grad_norm: float = 5.0,  # official code default
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:  # {"mle": {...}, "wmle": {...}, "warmup": metric}; each has curve [(step, metric)], final, calls
+    "MLE vs guided weighted MLE from one MLE warm-up, with the held-out metric at every refit boundary."
+    from alignbook.train import train
+    generator = torch.Generator().manual_seed(seed)
+    data = lambda step: task.sample(batch_size, torch.Generator().manual_seed(seed * 100_003 + step))
+    policy = task.policy(seed)
+    optimizer = torch.optim.Adam(policy.parameters(), lr=policy_lr)
+    train(policy, _weighted_mle_closure(None), data, warmup_steps, optimizer=optimizer, progress=progress, seed=seed,
+          max_grad_norm=max_grad_norm)
+    start_state = {k: v.clone() for k, v in policy.state_dict().items()}
+    start_optim = optimizer.state_dict()
+    results = {"warmup": eval_fn(policy)}
+    fit_at = [s for s in refit_steps(policy_steps, refit_every, 1.0) if s < policy_steps]  # MLE is evaluated there too
+    for method in ("mle", "wmle"):
+        policy.load_state_dict(start_state)
+        optimizer = torch.optim.Adam(policy.parameters(), lr=policy_lr)
+        optimizer.load_state_dict(start_optim)
+        guidance = task.guidance(seed + 1) if method == "wmle" else None
+        evaluator = CountingEvaluator(lambda tokens, ctx: task.evaluate_batch(tokens, *ctx))
+        curve, fits = [(0, results["warmup"])], []
+        for index, (begin, end) in enumerate(zip(fit_at, fit_at[1:] + [policy_steps])):
+            if guidance is not None:
+                steps = guidance_steps if index == 0 else refit_steps_count
+                closure = _seq2seq_listmle_closure(lists, num_candidates, aggregation,
+                                                   torch.Generator().manual_seed(seed + index))
+                fits.append(train(guidance, closure, _seq2seq_guidance_data(task, policy, evaluator, lists,
+                                                                            num_candidates, generator),
+                                  steps, lr=guidance_lr, max_grad_norm=max_grad_norm, progress=progress,
+                                  seed=seed + index))
+            train(policy, _weighted_mle_closure(guidance), lambda step, b=begin: data(warmup_steps + b + step),
+                  end - begin, optimizer=optimizer, progress=progress, seed=seed + 50 + index,
+                  max_grad_norm=max_grad_norm)
+            curve.append((end, eval_fn(policy)))
+        results[method] = {"curve": curve, "final": curve[-1][1], "calls": evaluator.calls, "guidance": guidance,
+                           "fit_losses": [[h["loss/listmle"] for h in fit] for fit in fits],
+                           "policy_state": {k: v.clone() for k, v in policy.state_dict().items()}}
+    return results
+
+# %% ../nbs/13_guidance.ipynb #7bd9e455
 def run_toy_b(
     warmup_steps: int = 300, guidance_steps: int = 120, refit_steps_count: int = 50, policy_steps: int = 400,
     refit_every: int = 150, batch_size: int = 64, num_candidates: int = 3, lists: int = 32,
     policy_lr: float = 1e-3, guidance_lr: float = 5e-4, eval_size: int = 200, seed: int = 0, progress: bool = False,
 ) -> dict:
     "MLE vs guided weighted MLE on noisy-reference sorting; clean ROUGE-L of greedy outputs over training."
-    from alignbook.train import train
-    task, generator = NoisySortTask(), torch.Generator().manual_seed(seed)
+    task = NoisySortTask()
     eval_batch = task.sample(eval_size, torch.Generator().manual_seed(10_000 + seed))
-    data = lambda step: task.sample(batch_size, torch.Generator().manual_seed(seed * 100_003 + step))
 
     @torch.no_grad()
     def clean_rouge(policy) -> float:
         policy.eval()
         out = policy.generate(input_ids=eval_batch["input_ids"], attention_mask=eval_batch["attention_mask"],
-                              do_sample=False, max_new_tokens=task.max_len + 2)
+                              do_sample=False, max_new_tokens=task.max_new_tokens)
         return float(task.evaluate(_strip_generated(out, task.eos_id, task.pad_id)[0], eval_batch["clean"]).mean())
 
-    def weighted_closure(guidance):
-        def loss_fn(policy, batch):
-            labels = batch["labels"]
-            mask = (labels != -100).long()
-            if guidance is None:
-                rewards = mask.float()  # uniform guidance: per-sequence mean NLL (plain MLE)
-            else:
-                with torch.no_grad():
-                    rewards = guidance(labels.clamp(min=0), mask, batch["input_ids"], batch["attention_mask"])
-            logits = policy(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels).logits
-            return wmle_loss(logits, labels, rewards)
-        return loss_fn
-
-    def guidance_closure(step_generator):
-        def loss_fn(guidance, batch):
-            rewards = guidance(batch["tokens"], batch["mask"], batch["context"], batch["context_mask"])  # (L*K, T)
-            shape = (lists, num_candidates, -1)
-            scores = aggregate(rewards.view(shape), batch["mask"].view(shape), "avg")
-            loss = listmle_loss(scores, batch["values"].view(lists, num_candidates), generator=step_generator)
-            return loss, {"loss/listmle": loss.detach()}
-        return loss_fn
-
-    def guidance_data(policy):
-        @torch.no_grad()
-        def batch(step):
-            policy.eval()
-            src = task.sample(lists, generator)
-            out = policy.generate(input_ids=src["input_ids"], attention_mask=src["attention_mask"], do_sample=True,
-                                  top_k=0, num_return_sequences=num_candidates, max_new_tokens=task.max_len + 2)
-            tokens, mask = _strip_generated(out, task.eos_id, task.pad_id)
-            mask[:, 0] = 1  # keep at least one position per candidate (an immediate EOS)
-            clean = src["clean"].repeat_interleave(num_candidates, 0)
-            return {"tokens": tokens, "mask": mask, "values": task.evaluate(tokens, clean),
-                    "context": src["input_ids"].repeat_interleave(num_candidates, 0),
-                    "context_mask": src["attention_mask"].repeat_interleave(num_candidates, 0)}
-        return batch
-
-    policy = task.policy(seed)
-    optimizer = torch.optim.Adam(policy.parameters(), lr=policy_lr)
-    train(policy, weighted_closure(None), data, warmup_steps, optimizer=optimizer, progress=progress, seed=seed)
-    start_state = {k: v.clone() for k, v in policy.state_dict().items()}
-    start_optim = optimizer.state_dict()
-    curves = {"warmup": clean_rouge(policy)}
-    results = {}
-    for method in ("mle", "wmle"):
-        policy.load_state_dict(start_state)
-        optimizer = torch.optim.Adam(policy.parameters(), lr=policy_lr)
-        optimizer.load_state_dict(start_optim)
-        guidance = task.guidance(seed + 1) if method == "wmle" else None
-        curve, done = [(0, curves["warmup"])], 0
-        fit_at = [s for s in refit_steps(policy_steps, refit_every, 1.0) if s < policy_steps]  # MLE is evaluated there too
-        for index, (begin, end) in enumerate(zip(fit_at, fit_at[1:] + [policy_steps])):
-            if guidance is not None:
-                steps = guidance_steps if index == 0 else refit_steps_count
-                train(guidance, guidance_closure(torch.Generator().manual_seed(seed + index)), guidance_data(policy),
-                      steps, lr=guidance_lr, max_grad_norm=5.0, progress=progress, seed=seed + index)
-            train(policy, weighted_closure(guidance), lambda step, b=begin: data(warmup_steps + b + step), end - begin,
-                  optimizer=optimizer, progress=progress, seed=seed + 50 + index)
-            curve.append((end, clean_rouge(policy)))
-        results[method] = {"curve": curve, "final": curve[-1][1]}
-        if guidance is not None:
-            batch = data(10**6)
-            mask = (batch["labels"] != -100)
-            with torch.no_grad():
-                r = guidance(batch["labels"].clamp(min=0), mask.long(), batch["input_ids"], batch["attention_mask"])
-            corrupted = mask & (batch["labels"] != batch["clean"])
-            results[method]["reward_corrupted"] = float(r[corrupted].mean())
-            results[method]["reward_clean"] = float(r[mask & ~corrupted].mean())
-            from sklearn.metrics import roc_auc_score
-            results[method]["auroc_corrupted"] = float(roc_auc_score(corrupted[mask].numpy(), -r[mask].numpy()))
-            results[method]["weights_corrupted"] = wmle_weights(r, mask)[corrupted].tolist()
-            results[method]["weights_clean"] = wmle_weights(r, mask)[mask & ~corrupted].tolist()
+    results = compare_wmle(task, clean_rouge, warmup_steps, guidance_steps, refit_steps_count, policy_steps,
+                           refit_every, batch_size, num_candidates, lists, "avg", policy_lr, guidance_lr, seed=seed,
+                           progress=progress)
+    guidance = results["wmle"]["guidance"]
+    batch = task.sample(batch_size, torch.Generator().manual_seed(seed * 100_003 + 10**6))  # unseen during training
+    mask = batch["labels"] != -100
+    with torch.no_grad():
+        r = guidance(batch["labels"].clamp(min=0), mask.long(), batch["input_ids"], batch["attention_mask"])
+    corrupted = mask & (batch["labels"] != batch["clean"])
+    weights = wmle_weights(r, mask)
+    from sklearn.metrics import roc_auc_score
+    results["wmle"].update(reward_corrupted=float(r[corrupted].mean()), reward_clean=float(r[mask & ~corrupted].mean()),
+                           auroc_corrupted=float(roc_auc_score(corrupted[mask].numpy(), -r[mask].numpy())),
+                           weights_corrupted=weights[corrupted].tolist(), weights_clean=weights[mask & ~corrupted].tolist())
     return results
 
 # %% ../nbs/13_guidance.ipynb #7cd19d83
@@ -642,9 +722,518 @@ def plot_toy_b(results: dict, title: str = ""):
     fig.tight_layout()
     return fig
 
+# %% ../nbs/13_guidance.ipynb #bbf3a416
+class CompactVocab:
+    "Map a tokenizer's ids onto 0..V-1 over a corpus, with pad 0, EOS 1 and unknown 2."
+    pad_id, eos_id, unk_id = 0, 1, 2
+
+    def __init__(self,
+                 tokenizer,  # a Hugging Face tokenizer, e.g. `load_tokenizer("gpt2")`
+                 texts: list[str]):  # corpus whose token ids form the vocabulary
+        self.tokenizer = tokenizer
+        seen = sorted({i for text in texts for i in tokenizer(text, add_special_tokens=False)["input_ids"]})
+        self.to_compact = {old: new for new, old in enumerate(seen, start=3)}
+        self.to_original = torch.tensor([-1, -1, -1] + seen)
+        self.size = len(seen) + 3
+
+    def encode(self, text: str) -> list[int]:
+        "Compact ids of `text` followed by EOS; tokens outside the vocabulary become unknown."
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return [self.to_compact.get(i, self.unk_id) for i in ids] + [self.eos_id]
+
+    def decode(self, ids) -> str:
+        "Text of compact ids up to the first EOS; pad and unknown ids are dropped."
+        ids = list(ids)
+        ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
+        return self.tokenizer.decode([int(self.to_original[i]) for i in ids if i > self.unk_id])
+
+# %% ../nbs/13_guidance.ipynb #d642c1a0
+class HubVocab:
+    "The `CompactVocab` interface over a pretrained model's own tokenizer (ids unchanged)."
+    def __init__(self, tokenizer):
+        if tokenizer.eos_token_id is None or tokenizer.pad_token_id is None:
+            raise ValueError("The tokenizer needs EOS and pad tokens for sequence-to-sequence training.")
+        self.tokenizer, self.pad_id, self.eos_id = tokenizer, tokenizer.pad_token_id, tokenizer.eos_token_id
+        self.size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        "Token ids of `text` followed by EOS."
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.eos_id]
+
+    def decode(self, ids) -> str:
+        "Text of the ids up to the first EOS, special tokens dropped."
+        ids = [int(i) for i in ids]
+        ids = ids[:ids.index(self.eos_id)] if self.eos_id in ids else ids
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+# %% ../nbs/13_guidance.ipynb #9549efe4
+def linearize_mr(
+    mr: str,  # an E2E meaning representation, "slot[value], slot[value], ..."
+) -> str:  # "slot = value ; slot = value"
+    "Write a parsed E2E meaning representation as plain text for the encoder."
+    return " ; ".join(f"{slot} = {value}" for slot, value in parse_mr(mr).items())
+
+# %% ../nbs/13_guidance.ipynb #1f358cb2
+class E2ETask:
+    "E2E data-to-text for `compare_wmle`: encoded (MR, reference) pairs, the ROUGE-L evaluator and the models."
+    def __init__(self,
+                 train_rows: list[dict],  # rows with `mr` and `ref` used for training (the E2E dev split)
+                 test_rows: list[dict],  # held-out rows with `mr` and `ref` (the E2E test split)
+                 tokenizer,  # tokenizer whose ids `CompactVocab` remaps
+                 max_new_tokens: int = 64,  # generation cap; the longest training reference has 92 GPT-2 tokens
+                 d_model: int = 128, layers: int = 2, heads: int = 4, ffn_dim: int = 256,  # BART size
+                 head_hidden: int = 256,  # width of the guidance MLP head
+                 max_train_rows: int | None = None,  # keep the first rows only (tests and quick runs)
+                 pretrained: str | None = None):  # Hub id or folder of a pretrained encoder-decoder (e.g. "t5-small")
+                                                   # used with its own tokenizer; None = tiny BART from scratch
+        from rouge_score import rouge_scorer
+        train_rows = list(train_rows)[:max_train_rows]
+        if not train_rows or not test_rows:
+            raise ValueError(f"E2ETask needs training and test rows, got {len(train_rows)} and {len(test_rows)}.")
+        self.max_new_tokens, self.head_hidden = max_new_tokens, head_hidden
+        self.size = dict(d_model=d_model, layers=layers, heads=heads, ffn_dim=ffn_dim)
+        self.train_mrs, self.train_refs = self._group(train_rows)
+        self.test_mrs, self.test_refs = self._group(test_rows)
+        self.pretrained = pretrained
+        if pretrained is None:
+            self.vocab = CompactVocab(tokenizer, [r["ref"] for r in train_rows]
+                                      + [linearize_mr(mr) for mr in self.train_mrs + self.test_mrs])
+        else:
+            self.vocab = HubVocab(tokenizer)
+        self.pad_id, self.eos_id = self.vocab.pad_id, self.vocab.eos_id
+        self.sources = [self.vocab.encode(linearize_mr(mr)) for mr in self.train_mrs]
+        index = {mr: i for i, mr in enumerate(self.train_mrs)}
+        self.pairs = [(index[r["mr"]], self.vocab.encode(r["ref"])) for r in train_rows]
+        self.test_sources = [self.vocab.encode(linearize_mr(mr)) for mr in self.test_mrs]
+        self._scorer = rouge_scorer.RougeScorer(["rougeL"])
+
+    @staticmethod
+    def _group(rows) -> tuple[list[str], list[list[str]]]:
+        refs: dict[str, list[str]] = {}
+        for r in rows:
+            refs.setdefault(r["mr"], []).append(r["ref"])
+        return list(refs), list(refs.values())
+
+# %% ../nbs/13_guidance.ipynb #c79c1aad
+def _pad_rows(rows: list[list[int]], pad: int) -> Tensor:  # (N, max length), right-padded
+    out = torch.full((len(rows), max(len(r) for r in rows)), pad, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = torch.tensor(row)
+    return out
+
+@patch
+def sample(self: E2ETask, batch_size: int, generator: torch.Generator) -> dict:
+    "A batch of training pairs drawn uniformly with replacement: input_ids, attention_mask, labels, mr_index."
+    picks = torch.randint(len(self.pairs), (batch_size,), generator=generator).tolist()
+    mr_index = [self.pairs[i][0] for i in picks]
+    input_ids = _pad_rows([self.sources[m] for m in mr_index], self.pad_id)             # (B, S)
+    labels = _pad_rows([self.pairs[i][1] for i in picks], -100)                          # (B, T)
+    return {"input_ids": input_ids, "attention_mask": (input_ids != self.pad_id).long(), "labels": labels,
+            "mr_index": torch.tensor(mr_index)}
+
+@patch
+def evaluate_batch(self: E2ETask,
+                   candidates: Tensor,  # (B*repeats, T) generated compact ids
+                   batch: dict,  # the batch whose MRs the candidates describe
+                   repeats: int = 1,  # candidates per MR, stored consecutively
+                   ) -> Tensor:  # (B*repeats,) ROUGE-L F1, maximum over the MR's references
+    "Multi-reference ROUGE-L F1 of each candidate against all training references of its MR."
+    mr_index = batch["mr_index"].repeat_interleave(repeats).tolist()
+    return torch.tensor([self._scorer.score_multi(self.train_refs[m], self.vocab.decode(c.tolist()))["rougeL"].fmeasure
+                         for c, m in zip(candidates, mr_index)])
+
+# %% ../nbs/13_guidance.ipynb #3bf9a696
+def _bart_config(task: E2ETask):
+    from transformers import BartConfig
+    s = task.size
+    return BartConfig(vocab_size=task.vocab.size, d_model=s["d_model"], encoder_layers=s["layers"],
+                      decoder_layers=s["layers"], encoder_attention_heads=s["heads"],
+                      decoder_attention_heads=s["heads"], encoder_ffn_dim=s["ffn_dim"], decoder_ffn_dim=s["ffn_dim"],
+                      max_position_embeddings=128, dropout=0.1, attention_dropout=0.0, activation_dropout=0.0,
+                      pad_token_id=task.pad_id, eos_token_id=task.eos_id, bos_token_id=CompactVocab.unk_id,
+                      decoder_start_token_id=task.pad_id, forced_bos_token_id=None, forced_eos_token_id=None)
+
+@patch
+def policy(self: E2ETask, seed: int = 0):
+    "A BART policy from a tiny config, randomly initialised with `seed` (or the pretrained model)."
+    from transformers import AutoModelForSeq2SeqLM, BartForConditionalGeneration
+    if self.pretrained is not None:
+        return AutoModelForSeq2SeqLM.from_pretrained(self.pretrained)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return BartForConditionalGeneration(_bart_config(self))
+
+@patch
+def guidance(self: E2ETask, seed: int = 0) -> GuidanceModel:
+    "A `BartModel` of the policy's size (or the pretrained body) under the guidance MLP head."
+    from transformers import AutoModel, BartModel
+    if self.pretrained is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return GuidanceModel(AutoModel.from_pretrained(self.pretrained), head_hidden=self.head_hidden)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return GuidanceModel(BartModel(_bart_config(self)), head_hidden=self.head_hidden)
+
+@patch
+@torch.no_grad()
+def rouge_on_test(self: E2ETask,
+               policy,  # a trained policy of this task
+               batch_size: int = 128,
+               limit: int | None = None,  # score only the first `limit` test MRs
+               ) -> float:  # mean over test MRs of the multi-reference ROUGE-L F1 of the greedy output
+    "Greedy-decode every test MR and average its multi-reference ROUGE-L F1 against the test references."
+    policy.eval()
+    count = len(self.test_sources) if limit is None else min(limit, len(self.test_sources))
+    total = 0.0
+    for start in range(0, count, batch_size):
+        rows = range(start, min(start + batch_size, count))
+        input_ids = _pad_rows([self.test_sources[i] for i in rows], self.pad_id)
+        out = policy.generate(input_ids=input_ids, attention_mask=(input_ids != self.pad_id).long(), do_sample=False,
+                              num_beams=1, max_new_tokens=self.max_new_tokens)
+        tokens, _ = _strip_generated(out, self.eos_id, self.pad_id)
+        total += sum(self._scorer.score_multi(self.test_refs[i], self.vocab.decode(t.tolist()))["rougeL"].fmeasure
+                     for i, t in zip(rows, tokens))
+    return total / count
+
+# %% ../nbs/13_guidance.ipynb #1129e147
+E2E_SIZES = {
+    # about 2 CPU minutes: a reduced run for `--set parts=e2e` with the small preset
+    "small": dict(warmup_steps=300, guidance_steps=40, refit_steps_count=20, policy_steps=200, refit_every=100,
+                  batch_size=32, lists=16, curve_mrs=100, seeds=1),
+    # the `real` preset: the whole dev split, longer training, three seeds
+    "real": dict(warmup_steps=1500, guidance_steps=120, refit_steps_count=40, policy_steps=900, refit_every=300,
+                 batch_size=32, lists=16, curve_mrs=200, seeds=3),
+}
+
+def run_e2e(
+    sizes: dict,  # warmup_steps, guidance_steps, refit_steps_count, policy_steps, refit_every, batch_size, lists,
+                  # curve_mrs (test MRs scored along the way) and seeds (number of seeds); see `E2E_SIZES`
+    seed: int = 0,  # first seed; runs use seed, seed + 1, ...
+    data_dir=None,  # data directory, see `alignbook.data.data_dir`
+    task: E2ETask | None = None,  # a prepared task (tests pass a tiny one); default: the full E2E task
+    progress: bool = False,
+    **compare_kwargs,  # further `compare_wmle` arguments, e.g. policy_lr
+) -> dict:  # per-method lists over seeds of final test ROUGE-L, curves and evaluator calls
+    "MLE vs guided weighted MLE on E2E data-to-text for several seeds, scored on the held-out test references."
+    from alignbook.data import load_e2e
+    from alignbook.models import load_tokenizer
+    sizes = dict(sizes)
+    curve_mrs, seeds = sizes.pop("curve_mrs"), sizes.pop("seeds")
+    if task is None:
+        task = E2ETask(load_e2e("dev", data_dir), list(load_e2e("test", data_dir)), load_tokenizer("gpt2", data_dir))
+    out = {"mle": [], "wmle": [], "warmup": [], "seeds": [seed + i for i in range(seeds)]}
+    for run_seed in out["seeds"]:
+        result = compare_wmle(task, lambda p: task.rouge_on_test(p, limit=curve_mrs), seed=run_seed,
+                              progress=progress, **{**sizes, **compare_kwargs})
+        out["warmup"].append(result["warmup"])
+        policy = task.policy(run_seed)
+        for method in ("mle", "wmle"):
+            policy.load_state_dict(result[method]["policy_state"])
+            out[method].append({"test_rouge_l": task.rouge_on_test(policy), "curve": result[method]["curve"],
+                                "evaluator_calls": result[method]["calls"],
+                                "fit_losses": result[method]["fit_losses"]})
+    return out
+
+# %% ../nbs/13_guidance.ipynb #7886aa82
+def plot_e2e(results: dict, title: str = ""):
+    "Test ROUGE-L (first MRs) against LM steps after the warm-up; MLE in C0, guided weighted MLE in C1."
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for method, color, label in (("mle", "C0", "MLE"), ("wmle", "C1", "guided weighted MLE")):
+        for i, record in enumerate(results[method]):
+            steps, values = zip(*record["curve"])
+            ax.plot(steps, values, marker="o", color=color, alpha=0.8, label=label if i == 0 else None)
+    ax.set_xlabel("LM steps after the MLE warm-up")
+    ax.set_ylabel("ROUGE-L F1 (greedy, test MRs, multi-reference)")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
 # %% ../nbs/13_guidance.ipynb #cd20c93d
+def gap_reward(
+    logits: Tensor,  # (N, C) task-model logits of the C verbalizer tokens
+    labels: Tensor,  # (N,) class ids
+    correct_coef: float = 200.0,  # scale when the prediction is right (official code default)
+    incorrect_coef: float = 180.0,  # scale when it is wrong (official code default)
+) -> Tensor:  # (N,) reward per sentence
+    "RLPrompt's classification reward: coef * (p(label) - max_{c != label} p(c)), p the softmax over verbalizers."
+    check_shape("labels", labels, (logits.shape[0],))
+    probs = torch.softmax(logits.float(), -1)                                         # (N, C)
+    own = probs.gather(1, labels[:, None]).squeeze(1)                                  # (N,)
+    other = probs.scatter(1, labels[:, None], float("-inf")).max(1).values             # (N,)
+    gap = own - other
+    return torch.where(gap > 0, correct_coef * gap, incorrect_coef * gap)
+
+# %% ../nbs/13_guidance.ipynb #4fe58125
+class PromptScorer:
+    "Frozen task LM that scores verbalizer tokens after `{sentence}{prompt}` (causal) or at `<mask>` (masked)."
+    def __init__(self,
+                 model,  # a `transformers` causal LM or masked LM; frozen here
+                 tokenizer,
+                 verbalizers: tuple[str, ...] = (" terrible", " great"),  # one single token per class, label order
+                 kind: Literal["causal", "masked"] = "causal",
+                 max_sentence_tokens: int = 128,  # longer sentences keep their first tokens
+                 masked_suffix: str = ".",  # masked LMs read `{sentence}{prompt}<mask>{suffix}`
+                 ):
+        if kind not in ("causal", "masked"):
+            raise ValueError(f"Unknown task model kind {kind!r}; valid values are ['causal', 'masked'].")
+        ids = [tokenizer(v, add_special_tokens=False)["input_ids"] for v in verbalizers]
+        if any(len(i) != 1 for i in ids):
+            raise ValueError(f"Every verbalizer must be one token; {verbalizers} tokenise to {ids}.")
+        if kind == "masked" and tokenizer.mask_token_id is None:
+            raise ValueError("A masked task model needs a tokenizer with a mask token.")
+        self.model, self.tokenizer, self.kind = model.eval(), tokenizer, kind
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        self.verbalizer_ids = torch.tensor([i[0] for i in ids])
+        self.max_sentence_tokens, self.masked_suffix, self.calls = max_sentence_tokens, masked_suffix, 0
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    def encode(self, sentences: list[str]) -> list[list[int]]:
+        "Token ids of each sentence, without special tokens, cut at `max_sentence_tokens`."
+        ids = [self.tokenizer(s, add_special_tokens=False)["input_ids"][:self.max_sentence_tokens] for s in sentences]
+        if any(len(i) == 0 for i in ids):
+            raise ValueError("An empty sentence cannot be scored; drop it from the split.")
+        return ids
+
+# %% ../nbs/13_guidance.ipynb #ab212ec8
+@patch
+@torch.no_grad()
+def prefix(self: PromptScorer,
+           sentence_ids: list[list[int]],  # from `encode`
+           ) -> dict:  # the state `verbalizer_logits` reads: ids, mask, lengths and, for causal LMs, the cache
+    "Run the left-padded sentences through a causal task model once and keep their key/value cache."
+    width = max(len(s) for s in sentence_ids)
+    input_ids = torch.full((len(sentence_ids), width), self.pad_id, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, ids in enumerate(sentence_ids):
+        input_ids[i, width - len(ids):], mask[i, width - len(ids):] = torch.tensor(ids), 1      # left padding
+    state = {"sentence_ids": sentence_ids, "mask": mask, "lengths": mask.sum(1)}
+    if self.kind == "causal":
+        positions = (mask.cumsum(1) - 1).clamp(min=0)                                          # (N, S)
+        out = self.model.base_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        state["cache"] = out["cache"]
+    return state
+
+@patch
+@torch.no_grad()
+def verbalizer_logits(self: PromptScorer,
+                      state: dict,  # from `prefix`
+                      prompt_ids: list[int],  # the prompt in the task model's vocabulary
+                      ) -> Tensor:  # (N, C) logits of the verbalizers for every sentence of `state`
+    "Score one prompt on every sentence of `state`: verbalizer logits right after the prompt (or at the mask)."
+    if len(prompt_ids) == 0:
+        raise ValueError("The prompt is empty; pass at least one token.")
+    n = len(state["sentence_ids"])
+    self.calls += n
+    if self.kind == "masked":
+        return self._masked_logits(state["sentence_ids"], prompt_ids)
+    prompt = torch.tensor(prompt_ids).expand(n, -1)                                            # (N, P)
+    attention = torch.cat([state["mask"], torch.ones_like(prompt)], 1)                         # (N, S+P)
+    positions = state["lengths"][:, None] + torch.arange(prompt.shape[1])                      # (N, P)
+    out = self.model.base_model(input_ids=prompt, attention_mask=attention, position_ids=positions,
+                                cache=state["cache"], use_cache=True)
+    state["cache"].crop(-prompt.shape[1])  # drop the prompt again, so the cache serves the next prompt
+    last = out["last_hidden_state"][:, -1]                                                     # (N, D)
+    head = self.model.get_output_embeddings()
+    logits = last @ head.weight[self.verbalizer_ids].T                                         # (N, C)
+    return logits if head.bias is None else logits + head.bias[self.verbalizer_ids]
+
+@patch
+def _masked_logits(self: PromptScorer, sentence_ids, prompt_ids) -> Tensor:  # (N, C)
+    suffix = self.tokenizer(self.masked_suffix, add_special_tokens=False)["input_ids"]
+    rows = [self.tokenizer.build_inputs_with_special_tokens(s + list(prompt_ids) + [self.tokenizer.mask_token_id]
+                                                            + suffix) for s in sentence_ids]
+    input_ids = _pad_rows(rows, self.pad_id)                                                    # (N, L)
+    attention = torch.zeros_like(input_ids)
+    for i, row in enumerate(rows):
+        attention[i, :len(row)] = 1
+    logits = self.model(input_ids=input_ids, attention_mask=attention).logits                  # (N, L, V)
+    at_mask = logits[input_ids == self.tokenizer.mask_token_id]                                 # (N, V)
+    return at_mask[:, self.verbalizer_ids]
+
+# %% ../nbs/13_guidance.ipynb #ee5cfb44
+class PromptPolicy(nn.Module):
+    "Frozen causal LM with a trainable residual MLP on its last hidden state, as a prompt-writing policy."
+    def __init__(self,
+                 lm,  # a `transformers` causal LM; frozen here (it may be the task model itself)
+                 adaptor_hidden: int = 2048,  # MLP width (official code default)
+                 seed: int = 0):  # initialisation seed of the MLP
+        super().__init__()
+        self.lm = lm
+        for parameter in lm.parameters():
+            parameter.requires_grad_(False)
+        width = lm.config.hidden_size
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.adaptor = nn.Sequential(nn.Linear(width, adaptor_hidden), nn.ReLU(), nn.Linear(adaptor_hidden, width))
+        nn.init.zeros_(self.adaptor[2].weight)
+        nn.init.zeros_(self.adaptor[2].bias)
+
+    def train(self, mode: bool = True):
+        "Switch the MLP's mode; the frozen LM always stays in eval mode (no dropout)."
+        super().train(mode)
+        self.lm.eval()
+        return self
+
+    def forward(self, input_ids: Tensor):  # (N, T) -> object with .logits (N, T, V)
+        with torch.no_grad():
+            hidden = self.lm.base_model(input_ids=input_ids).last_hidden_state                 # (N, T, D)
+        from types import SimpleNamespace
+        return SimpleNamespace(logits=self.lm.get_output_embeddings()(hidden + self.adaptor(hidden)))
+
+# %% ../nbs/13_guidance.ipynb #dab5430b
+class FewShotPromptTask:
+    "Discrete prompt generation for few-shot classification: the evaluator, the policy and the guidance model."
+    def __init__(self,
+                 scorer: PromptScorer,  # the frozen task model
+                 train_rows: list[dict],  # rows with `sentence` and `label` that the evaluator averages over
+                 policy_lm,  # causal LM under the policy; may be `scorer.model` when that is causal
+                 policy_tokenizer=None,  # None: the policy shares the scorer's tokenizer and ids pass through
+                 prompt_length: int = 5,  # T, tokens per prompt (official code default)
+                 source_token: str = "<|endoftext|>",  # the policy's constant input (official code default)
+                 adaptor_hidden: int = 2048,  # policy MLP width (official code default)
+                 guidance_hidden: int = 64, guidance_layers: int = 2,  # size of the from-scratch guidance body
+                 guidance_backbone: str | None = None):  # Hub id or folder of a pretrained guidance body instead
+        self.scorer, self.policy_lm, self.policy_tokenizer = scorer, policy_lm, policy_tokenizer or scorer.tokenizer
+        self.length, self.adaptor_hidden = prompt_length, adaptor_hidden
+        self.guidance_hidden, self.guidance_layers = guidance_hidden, guidance_layers
+        self.guidance_backbone = guidance_backbone
+        self.vocab_size = policy_lm.get_output_embeddings().weight.shape[0]
+        if source_token not in self.policy_tokenizer.get_vocab():
+            raise ValueError(f"The source token {source_token!r} is not in the policy's vocabulary; pass source_token.")
+        self.bos_id = self.policy_tokenizer.convert_tokens_to_ids(source_token)
+        self.train_labels = torch.tensor([r["label"] for r in train_rows])
+        self.train_state = scorer.prefix(scorer.encode([r["sentence"] for r in train_rows]))
+
+    def prompt_text(self, tokens) -> str:
+        "The prompt as text, decoded with the policy's tokenizer."
+        return self.policy_tokenizer.decode([int(t) for t in tokens])
+
+    def task_ids(self, tokens) -> list[int]:
+        "The prompt in the task model's vocabulary (re-tokenised when the policy has another tokenizer)."
+        if self.policy_tokenizer is self.scorer.tokenizer:
+            return [int(t) for t in tokens]
+        return self.scorer.tokenizer(self.prompt_text(tokens), add_special_tokens=False)["input_ids"]
+
+    def evaluate(self, tokens: Tensor, contexts=None) -> Tensor:  # (N, T) prompts -> (N,)
+        "Mean gap reward of each prompt over the training sentences."
+        return torch.stack([gap_reward(self.scorer.verbalizer_logits(self.train_state, self.task_ids(row)),
+                                       self.train_labels).mean() for row in tokens])
+
+    def policy(self, seed: int = 0) -> PromptPolicy:
+        "A fresh policy: the frozen policy LM and a new MLP."
+        return PromptPolicy(self.policy_lm, self.adaptor_hidden, seed=seed)
+
+    def guidance(self, seed: int = 0) -> GuidanceModel:
+        "A Llama body trained from scratch on the policy's vocabulary (or a pretrained body) under the MLP head."
+        from alignbook.models import tiny_causal_lm
+        if self.guidance_backbone is not None:
+            from transformers import AutoModel
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                return GuidanceModel(AutoModel.from_pretrained(self.guidance_backbone))
+        body = tiny_causal_lm("llama", vocab_size=self.vocab_size, hidden_size=self.guidance_hidden,
+                              num_layers=self.guidance_layers, num_heads=2, max_positions=64, seed=seed).model
+        return GuidanceModel(body, head_hidden=4 * self.guidance_hidden)
+
+# %% ../nbs/13_guidance.ipynb #f51e9349
+@patch
+@torch.no_grad()
+def accuracy(self: FewShotPromptTask,
+             prompts: list[list[int]],  # prompts in the task model's vocabulary (`task_ids`)
+             rows: list[dict],  # rows with `sentence` and `label`
+             chunk: int = 128,  # sentences per cached prefix (bounds memory)
+             ) -> tuple[list[float], list[float]]:  # accuracy and mean gap reward of each prompt
+    "Accuracy and mean gap reward of several prompts on a split, computing each chunk's prefix once."
+    correct, reward = torch.zeros(len(prompts)), torch.zeros(len(prompts))
+    for start in range(0, len(rows), chunk):
+        part = rows[start:start + chunk]
+        labels = torch.tensor([r["label"] for r in part])
+        state = self.scorer.prefix(self.scorer.encode([r["sentence"] for r in part]))
+        for i, prompt in enumerate(prompts):
+            logits = self.scorer.verbalizer_logits(state, prompt)                                # (n, C)
+            correct[i] += (logits.argmax(-1) == labels).sum()
+            reward[i] += gap_reward(logits, labels).sum()
+    return (correct / len(rows)).tolist(), (reward / len(rows)).tolist()
+
+# %% ../nbs/13_guidance.ipynb #f3764efe
+HAND_WRITTEN_PROMPT = " It was"  # LM-BFF's manual SST-2 template, "<sentence> It was [great/terrible]"
+
+def _best_prompt(task: FewShotPromptTask, policy, dev_rows, candidates: int, top_k, seed: int) -> dict:
+    generator = torch.Generator().manual_seed(seed)
+    greedy = sample_sequences(policy, 1, task.length, task.bos_id, task.vocab_size, generator, top_k=1)
+    sampled = sample_sequences(policy, candidates - 1, task.length, task.bos_id, task.vocab_size, generator,
+                               top_k=top_k)
+    tokens = torch.cat([greedy, sampled])                                                     # (candidates, T)
+    accuracy, reward = task.accuracy([task.task_ids(t) for t in tokens], dev_rows)
+    best = max(range(len(tokens)), key=lambda i: reward[i])
+    return {"prompt": task.prompt_text(tokens[best]), "task_ids": task.task_ids(tokens[best]),
+            "dev_accuracy": accuracy[best], "dev_reward": reward[best],
+            "candidates": [task.prompt_text(t) for t in tokens]}
+
+def run_prompt_experiment(
+    task: FewShotPromptTask,
+    cfg: GuidanceConfig,  # objective A settings, e.g. `GuidanceConfig.prompt_real()`
+    dev_rows: list[dict],  # selects the learned prompt
+    test_rows: list[dict],  # reports the accuracies
+    seeds: tuple[int, ...] = (0,),
+    candidates: int = 5,  # prompts each final policy proposes for selection on the dev split
+    hand_written: str = HAND_WRITTEN_PROMPT,
+    progress: bool = False,
+) -> dict:  # per method and seed: learned prompt, accuracies, evaluator calls; the hand-written prompt's accuracy
+    "Guided REINFORCE vs sequence-level REINFORCE at equal evaluator calls, and both against a hand-written prompt."
+    out = {"guidance": [], "sequence": []}
+    for seed in seeds:
+        calls_before = task.scorer.calls
+        guided = train_with_guidance(task, cfg, "guidance", seed=seed, progress=progress)
+        baseline_steps = max(1, guided["calls"] // cfg.samples_per_step)
+        baseline_cfg = replace(cfg, policy_steps=baseline_steps)
+        sequence = train_with_guidance(task, baseline_cfg, "sequence", seed=seed, progress=progress)
+        for method, run in (("guidance", guided), ("sequence", sequence)):
+            record = {"seed": seed, "evaluator_calls": run["calls"],
+                      "task_model_calls": run["calls"] * len(task.train_labels),
+                      "policy_steps": len(run["history"]),
+                      "loss/listmle": [[h["loss/listmle"] for h in fit] for fit in run["fits"]]}
+            record.update(_best_prompt(task, run["policy"], dev_rows, candidates, cfg.top_k, seed))
+            out[method].append(record)
+        logger.info("prompt seed %d: %d task-model calls in training", seed, task.scorer.calls - calls_before)
+    hand_ids = task.scorer.tokenizer(hand_written, add_special_tokens=False)["input_ids"]
+    learned = [r["task_ids"] for method in ("guidance", "sequence") for r in out[method]]
+    accuracy, reward = task.accuracy([hand_ids] + learned, test_rows)
+    out["hand_written"] = {"prompt": hand_written, "test_accuracy": accuracy[0], "test_reward": reward[0]}
+    for record, acc, rew in zip(out["guidance"] + out["sequence"], accuracy[1:], reward[1:]):
+        record.update(test_accuracy=acc, test_reward=rew)
+    return out
+
+# %% ../nbs/13_guidance.ipynb #b9a36efd
+def plot_prompts(results: dict, title: str = ""):
+    "Test accuracy of the learned prompts (baseline C0, guidance C1) and the hand-written prompt (grey), labelled."
+    import matplotlib.pyplot as plt
+    bars = [(f"hand-written\n{results['hand_written']['prompt']!r}", results["hand_written"]["test_accuracy"], "C7")]
+    for method, color, label in (("sequence", "C0", "sequence REINFORCE"), ("guidance", "C1", "token guidance")):
+        bars += [(f"{label}, seed {r['seed']}\n{r['prompt']!r}", r["test_accuracy"], color) for r in results[method]]
+    fig, ax = plt.subplots(figsize=(7, 0.6 * len(bars) + 1.2))
+    ax.barh(range(len(bars)), [b[1] for b in bars], color=[b[2] for b in bars])
+    ax.set_yticks(range(len(bars)), [b[0] for b in bars], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("test accuracy")
+    ax.set_title(title)
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/13_guidance.ipynb #c06d085a
 SMALL_TOY_B = dict(warmup_steps=200, guidance_steps=60, refit_steps_count=30, policy_steps=200, refit_every=100,
                    eval_size=100)  # the CPU budget version of the 300 / 120 / 50 / 400 / 150 / 200 toy
+PARTS = {"small": ("toy_a", "toy_b"), "real": ("e2e", "prompt"), "paper": ("prompt", "e2e")}
+E2E_SIZES["paper"] = dict(warmup_steps=4000, guidance_steps=1000, refit_steps_count=300, policy_steps=8000,
+                          refit_every=2000, batch_size=32, lists=8, curve_mrs=630, seeds=3, policy_lr=5e-5,
+                          guidance_lr=5e-5)  # official summarisation rates (5e-5) and K = 3 lists of 8 contexts
+PAPER_MODELS = {"prompt_task": "roberta-large", "prompt_policy": "distilgpt2", "prompt_guidance": "distilgpt2",
+                "e2e": "t5-small"}  # the official code's models for both tasks
 
 def _calls_to_reach(curve, target):
     for _, calls, value in curve:
@@ -652,34 +1241,122 @@ def _calls_to_reach(curve, target):
             return calls
     return None
 
-def reproduce(config) -> dict:
-    "Run the guidance chapter's reproduction for `config.preset` and write metrics and figures."
+def _mean(values) -> float:
+    return sum(values) / len(values)
+
+# %% ../nbs/13_guidance.ipynb #2b976385
+def _reproduce_toys(config, parts) -> dict:
     from alignbook.reproduce import save_figure
-    if config.preset != "small":
-        raise NotImplementedError(f"The {config.preset!r} preset of the guidance chapter is not implemented yet; "
-                                  "run --preset small.")
-    cfg = replace(GuidanceConfig.small(), **{k: v for k, v in config.options.items() if hasattr(GuidanceConfig, k)})
-    seeds = tuple(config.seed + i for i in range(int(config.options.get("seeds", 2))))
-    results = run_toy_a(cfg, seeds, progress=config.progress)
-    save_figure(config, plot_value_vs_calls(results, f"Toy A, GPT-2 2x64, {cfg.policy_steps} steps, seeds {list(seeds)}"),
-                "value_vs_calls")
-    final_g = [r["final"] for r in results["guidance"]]
-    final_s = [r["final"] for r in results["sequence"]]
-    calls_g = [r["calls"] for r in results["guidance"]]
-    calls_s = [r["calls"] for r in results["sequence"]]
-    reach = [_calls_to_reach(g["curve"], s["final"]) for g, s in zip(results["guidance"], results["sequence"])]
-    toy_b_options = {k[len("toy_b_"):]: v for k, v in config.options.items() if k.startswith("toy_b_")}
-    toy_b = run_toy_b(**{**SMALL_TOY_B, **toy_b_options}, seed=config.seed, progress=config.progress)
-    save_figure(config, plot_toy_b(toy_b, f"Toy B, T5 2+2x64, seed {config.seed}"), "toy_b_rouge_and_weights")
-    return {"toy_b/clean_rouge_l/mle": toy_b["mle"]["final"], "toy_b/clean_rouge_l/wmle": toy_b["wmle"]["final"],
-            "toy_b/clean_rouge_l/after_warmup": toy_b["mle"]["curve"][0][1],
+    metrics = {}
+    if "toy_a" in parts:
+        cfg = replace(GuidanceConfig.small(), **{k: v for k, v in config.options.items() if hasattr(GuidanceConfig, k)})
+        seeds = tuple(config.seed + i for i in range(int(config.options.get("seeds", 2))))
+        results = run_toy_a(cfg, seeds, progress=config.progress)
+        save_figure(config, plot_value_vs_calls(results, f"Toy A, GPT-2 2x64, {cfg.policy_steps} steps, seeds "
+                                                         f"{list(seeds)}"), "value_vs_calls")
+        final_g, final_s = [r["final"] for r in results["guidance"]], [r["final"] for r in results["sequence"]]
+        metrics.update({
+            "summary": {"metric": "final true value R (Toy A)", "baseline": _mean(final_s), "method": _mean(final_g)},
+            "final_value/guidance": final_g, "final_value/sequence": final_s,
+            "evaluator_calls/guidance": [r["calls"] for r in results["guidance"]],
+            "evaluator_calls/sequence": [r["calls"] for r in results["sequence"]],
+            "calls_to_reach_baseline_final/guidance": [_calls_to_reach(g["curve"], s["final"]) for g, s in
+                                                       zip(results["guidance"], results["sequence"])],
+            "spearman_guidance_vs_hidden_values": [r["spearman_final"] for r in results["guidance"]],
+            "listmle_first_fit_start_end": [[f[0][0], f[0][-1]] for f in (r["fit_losses"] for r in results["guidance"])]})
+    if "toy_b" in parts:
+        options = {k[len("toy_b_"):]: v for k, v in config.options.items() if k.startswith("toy_b_")}
+        toy_b = run_toy_b(**{**SMALL_TOY_B, **options}, seed=config.seed, progress=config.progress)
+        save_figure(config, plot_toy_b(toy_b, f"Toy B, T5 2+2x64, seed {config.seed}"), "toy_b_rouge_and_weights")
+        metrics.update({
+            "toy_b/clean_rouge_l/mle": toy_b["mle"]["final"], "toy_b/clean_rouge_l/wmle": toy_b["wmle"]["final"],
+            "toy_b/clean_rouge_l/after_warmup": toy_b["warmup"],
             "toy_b/curve/mle": toy_b["mle"]["curve"], "toy_b/curve/wmle": toy_b["wmle"]["curve"],
             "toy_b/guidance_on_corrupted_tokens": toy_b["wmle"]["reward_corrupted"],
             "toy_b/guidance_on_clean_tokens": toy_b["wmle"]["reward_clean"],
-            "toy_b/auroc_minus_guidance_flags_corrupted": toy_b["wmle"]["auroc_corrupted"],"summary": {"metric": "final true value R (Toy A)", "baseline": sum(final_s) / len(final_s),
-                        "method": sum(final_g) / len(final_g)},
-            "final_value/guidance": final_g, "final_value/sequence": final_s,
-            "evaluator_calls/guidance": calls_g, "evaluator_calls/sequence": calls_s,
-            "calls_to_reach_baseline_final/guidance": reach,
-            "spearman_guidance_vs_hidden_values": [r["spearman_final"] for r in results["guidance"]],
-            "listmle_first_fit_start_end": [[f[0][0], f[0][-1]] for f in (r["fit_losses"] for r in results["guidance"])]}
+            "toy_b/auroc_minus_guidance_flags_corrupted": toy_b["wmle"]["auroc_corrupted"]})
+    return metrics
+
+# %% ../nbs/13_guidance.ipynb #fa44b67f
+def _reproduce_e2e(config) -> dict:
+    from alignbook.data import load_e2e
+    from alignbook.models import load_tokenizer
+    from alignbook.reproduce import save_figure
+    sizes = dict(E2E_SIZES["small" if config.preset == "small" else config.preset])
+    sizes.update({k[len("e2e_"):]: v for k, v in config.options.items() if k.startswith("e2e_")})
+    task = None
+    if config.preset == "paper":
+        from transformers import AutoTokenizer
+        name = PAPER_MODELS["e2e"]
+        task = E2ETask(load_e2e("dev", config.data_dir), list(load_e2e("test", config.data_dir)),
+                       AutoTokenizer.from_pretrained(name), pretrained=name, head_hidden=2048)
+    results = run_e2e(sizes, seed=config.seed, data_dir=config.data_dir, task=task, progress=config.progress)
+    model = "t5-small" if config.preset == "paper" else "BART 2+2x128 from scratch"
+    save_figure(config, plot_e2e(results, f"E2E, {model}, seeds {results['seeds']}"), "e2e_rouge")
+    mle, wmle = [r["test_rouge_l"] for r in results["mle"]], [r["test_rouge_l"] for r in results["wmle"]]
+    return {"e2e/test_rouge_l/mle": mle, "e2e/test_rouge_l/wmle": wmle, "e2e/seeds": results["seeds"],
+            "e2e/curve_rouge_l/mle": [r["curve"] for r in results["mle"]],
+            "e2e/curve_rouge_l/wmle": [r["curve"] for r in results["wmle"]],
+            "e2e/after_warmup_curve_rouge_l": results["warmup"],
+            "e2e/evaluator_calls/wmle": [r["evaluator_calls"] for r in results["wmle"]],
+            "e2e/sizes": sizes,
+            "e2e/summary": {"metric": "E2E test ROUGE-L", "baseline": _mean(mle), "method": _mean(wmle)}}
+
+# %% ../nbs/13_guidance.ipynb #bc5ca24c
+def _reproduce_prompt(config) -> dict:
+    from alignbook.data import load_fewshot
+    from alignbook.reproduce import save_figure
+    split_seed = int(config.options.get("prompt_split_seed", 13))
+    if config.preset == "paper":
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
+        scorer = PromptScorer(AutoModelForMaskedLM.from_pretrained(PAPER_MODELS["prompt_task"]),
+                              AutoTokenizer.from_pretrained(PAPER_MODELS["prompt_task"]), kind="masked")
+        policy_lm = AutoModelForCausalLM.from_pretrained(PAPER_MODELS["prompt_policy"])
+        policy_tokenizer = AutoTokenizer.from_pretrained(PAPER_MODELS["prompt_policy"])
+        cfg = replace(GuidanceConfig.paper(), top_k=256, log_true_value=False, sequence_reward_norm="zscore")
+        split_seeds, guidance_backbone = (13, 21, 42, 87, 100), PAPER_MODELS["prompt_guidance"]
+    else:
+        from alignbook.models import load_causal_lm, load_tokenizer
+        lm = load_causal_lm("smollm2")
+        scorer, policy_lm, policy_tokenizer = PromptScorer(lm, load_tokenizer("smollm2")), lm, None
+        cfg, split_seeds, guidance_backbone = GuidanceConfig.prompt_real(), (split_seed,), None
+    cfg = replace(cfg, **{k[len("prompt_"):]: v for k, v in config.options.items()
+                          if k.startswith("prompt_") and hasattr(GuidanceConfig, k[len("prompt_"):])})
+    test = list(load_fewshot("sst-2", split="test", data_dir=config.data_dir))
+    metrics, results = {}, None
+    for split in split_seeds:
+        task = FewShotPromptTask(scorer, list(load_fewshot("sst-2", split, "train", config.data_dir)), policy_lm,
+                                 policy_tokenizer, guidance_backbone=guidance_backbone)
+        results = run_prompt_experiment(task, cfg, list(load_fewshot("sst-2", split, "dev", config.data_dir)), test,
+                                        seeds=(config.seed,), progress=config.progress)
+        metrics[f"prompt/split_{split}"] = {m: [{k: v for k, v in r.items() if k != "task_ids"} for r in results[m]]
+                                            for m in ("guidance", "sequence")} | {"hand_written": results["hand_written"]}
+        save_figure(config, plot_prompts(results, f"SST-2 16-shot split {split}, task model "
+                                                  f"{'RoBERTa-large' if config.preset == 'paper' else 'SmolLM2-135M'}"),
+                    f"prompts_split_{split}")
+    accuracy = lambda m: _mean([r[m][0]["test_accuracy"] for k, r in metrics.items() if k.startswith("prompt/split_")])
+    metrics["prompt/summary"] = {"metric": "SST-2 test accuracy of the learned prompt", "baseline": accuracy("sequence"),
+                                 "method": accuracy("guidance"), "hand_written": _mean(
+                                     [r["hand_written"]["test_accuracy"] for k, r in metrics.items()
+                                      if k.startswith("prompt/split_")])}
+    metrics["prompt/config"] = dict(vars(cfg))
+    return metrics
+
+# %% ../nbs/13_guidance.ipynb #a6eaf60f
+def reproduce(config) -> dict:
+    "Run the guidance chapter's experiments for `config.preset` (see `PARTS`) and write metrics and figures."
+    parts = config.options.get("parts", PARTS[config.preset])
+    parts = tuple(parts.split(",")) if isinstance(parts, str) else tuple(parts)
+    unknown = sorted(set(parts) - {"toy_a", "toy_b", "e2e", "prompt"})
+    if unknown:
+        raise ValueError(f"Unknown parts {unknown}; valid parts are ['e2e', 'prompt', 'toy_a', 'toy_b'].")
+    metrics = {"parts": list(parts)}
+    metrics.update(_reproduce_toys(config, parts))
+    if "e2e" in parts:
+        metrics.update(_reproduce_e2e(config))
+    if "prompt" in parts:
+        metrics.update(_reproduce_prompt(config))
+    if "summary" not in metrics:  # the summary table shows the first real-data experiment that ran
+        key = next(k for k in ("e2e/summary", "prompt/summary") if k in metrics)
+        metrics["summary"] = metrics[key]
+    return metrics
