@@ -110,7 +110,9 @@ def _quarto_to_myst(nb) -> None:
             if "text/markdown" in data:
                 text = data["text/markdown"]
                 text = "".join(text) if isinstance(text, list) else text
-                data["text/markdown"] = _QUARTO_ATTRS.sub("", text)
+                text = _QUARTO_ATTRS.sub("", text)
+                # show_doc opens with a horizontal rule, which docutils rejects inside an output block.
+                data["text/markdown"] = text[3:].lstrip("\n") if text.startswith("---\n") else text
 
 
 def _title_from_frontmatter(nb) -> None:
@@ -125,6 +127,47 @@ def _title_from_frontmatter(nb) -> None:
     if meta.get("description"):
         heading += f"\n\n> {meta['description']}"
     nb.cells[0] = mk_cell(heading, cell_type="markdown")
+
+
+def localise_doc_links(site: Path) -> int:
+    """Point nbdev's symbol links (written for the Quarto site at `doc_host`) at this site's API pages.
+
+    nbdev turns a backticked name into a link to `<doc_host><doc_baseurl>/<module>.html#<name>`. This site documents
+    the same object at `api/<module>.html#alignbook.<module>.<Name>`, so each link is rewritten to that anchor, or to
+    the module's page when the name has no API entry. Returns the number of links changed.
+    """
+    import configparser
+
+    settings = configparser.ConfigParser()
+    settings.read(ROOT / "settings.ini")
+    meta = settings["DEFAULT"]
+    base = (meta.get("doc_host", "") + meta.get("doc_baseurl", "")).rstrip("/")
+    if not base:
+        return 0
+    pattern = re.compile(re.escape(base) + r"/(\w+)\.html(?:#([\w.]+))?")
+    lib = meta.get("lib_path", "alignbook")
+    # nbdev lower-cases the name in its anchors, so look up API anchors by the lower-cased name.
+    anchors: dict[str, dict[str, str]] = {}  # module -> lower-cased name -> anchor id
+    for api_page in (site / "api").glob("*.html"):
+        ids = re.findall(r'id="(' + re.escape(f"{lib}.{api_page.stem}.") + r'[\w.]+)"', api_page.read_text())
+        anchors[api_page.stem] = {i.split(".", 2)[2].lower(): i for i in ids}
+    changed = 0
+    for page in site.rglob("*.html"):
+        prefix = "../" * (len(page.relative_to(site).parts) - 1)
+
+        def local(match: re.Match) -> str:
+            module, name = match.group(1), (match.group(2) or "").lower()
+            if module not in anchors:
+                return match.group(0)
+            anchor = anchors[module].get(name)
+            return f"{prefix}api/{module}.html" + (f"#{anchor}" if anchor else "")
+
+        text = page.read_text()
+        new, count = pattern.subn(local, text)
+        if count:
+            page.write_text(new)
+            changed += count
+    return changed
 
 
 def chapter_banner(notebook: Path) -> str | None:
@@ -259,6 +302,7 @@ def main(argv=None) -> int:
     write_index(src, pages, write_api_pages(src))
     command = [sys.executable, "-m", "sphinx", "-b", "html", "-q", "-c", str(DOCS), str(src), args.out]
     result = subprocess.run(command)
+    localise_doc_links(Path(args.out))
     for source, error in failures:
         print(f"docs: {source} stopped executing at {error}; its page shows the outputs up to that cell",
               file=sys.stderr)

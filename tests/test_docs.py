@@ -21,6 +21,7 @@ def site(tmp_path_factory):
     result = subprocess.run([sys.executable, str(ROOT / "docs" / "build.py"), "--no-execute", "--out", str(out),
                              "--runs", str(out / "no-runs")], capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
+    (out / "build-stderr.txt").write_text(result.stderr)
     return out
 
 
@@ -66,3 +67,16 @@ def test_site_has_search_and_offline_mathjax(site):
     assert list(site.rglob("_static/mathjax/tex-chtml*.js")) or list(site.rglob("_static/mathjax/**/*.js"))
     index = (site / "index.html").read_text()
     assert "cdn.jsdelivr.net" not in index
+
+
+def test_chapter_pages_keep_api_entries_and_local_links(site):
+    stderr = (site / "build-stderr.txt").read_text()
+    assert "show_doc tables left out" not in stderr, [l for l in stderr.splitlines() if "show_doc" in l]
+    pages = sorted((site / "chapters").glob("*.html"))
+    assert pages, "no chapter page was built"
+    for page in pages:
+        html = page.read_text()
+        assert 'class="rubric"' in html, f"{page.name} shows no show_doc entry"
+        assert "alignbook.github.io" not in html, f"{page.name} links to the Quarto site instead of api/"
+    wpo = (site / "chapters" / "11_wpo.html").read_text()
+    assert 'href="../api/wpo.html#alignbook.wpo.wpo_weights"' in wpo
