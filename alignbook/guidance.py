@@ -285,10 +285,10 @@ class GuidanceConfig:
 
     @classmethod
     def prompt_real(cls) -> "GuidanceConfig":
-        "Few-shot SST-2 prompts with SmolLM2 on a CPU: about 290 prompt evaluations per method."
+        "Few-shot SST-2 prompts with SmolLM2 on a CPU: 192 prompt evaluations per method."
         return cls(aggregation="sum", num_candidates=5, lists_per_step=64, pool_size=16, guidance_lr=1e-3,
-                   guidance_steps=12, refit_steps=6, policy_lr=5e-4, policy_steps=150, samples_per_step=16,
-                   entropy_coef=0.125, refit_every=75, top_k=256, log_true_value=False, sequence_reward_norm="zscore")
+                   guidance_steps=8, refit_steps=4, policy_lr=1e-4, policy_steps=100, samples_per_step=16,
+                   entropy_coef=0.125, refit_every=50, top_k=256, log_true_value=False, sequence_reward_norm="zscore")
 
     @classmethod
     def small(cls) -> "GuidanceConfig":
@@ -898,12 +898,12 @@ def rouge_on_test(self: E2ETask,
 
 # %% ../nbs/13_guidance.ipynb #1129e147
 E2E_SIZES = {
-    # about 2 CPU minutes: a reduced run for `--set parts=e2e` with the small preset
-    "small": dict(warmup_steps=300, guidance_steps=40, refit_steps_count=20, policy_steps=200, refit_every=100,
-                  batch_size=32, lists=16, curve_mrs=100, seeds=1),
-    # the `real` preset: the whole dev split, longer training, three seeds
-    "real": dict(warmup_steps=1500, guidance_steps=120, refit_steps_count=40, policy_steps=900, refit_every=300,
-                 batch_size=32, lists=16, curve_mrs=200, seeds=3),
+    # a reduced run for `--set parts=e2e` with the small preset: one seed, 200 + 2 x 100 LM steps
+    "small": dict(warmup_steps=200, guidance_steps=20, refit_steps_count=10, policy_steps=100, refit_every=50,
+                  batch_size=32, lists=16, curve_mrs=50, seeds=1),
+    # the `real` preset: three seeds, 300 + 2 x 200 LM steps (sized for a shared 2-core CPU)
+    "real": dict(warmup_steps=300, guidance_steps=30, refit_steps_count=15, policy_steps=200, refit_every=100,
+                 batch_size=32, lists=16, curve_mrs=100, seeds=3),
 }
 
 def run_e2e(
@@ -1044,8 +1044,10 @@ def verbalizer_logits(self: PromptScorer,
 @patch
 def _masked_logits(self: PromptScorer, sentence_ids, prompt_ids) -> Tensor:  # (N, C)
     suffix = self.tokenizer(self.masked_suffix, add_special_tokens=False)["input_ids"]
-    rows = [self.tokenizer.build_inputs_with_special_tokens(s + list(prompt_ids) + [self.tokenizer.mask_token_id]
-                                                            + suffix) for s in sentence_ids]
+    first = self.tokenizer.cls_token_id if self.tokenizer.cls_token_id is not None else self.tokenizer.bos_token_id
+    last = self.tokenizer.sep_token_id if self.tokenizer.sep_token_id is not None else self.tokenizer.eos_token_id
+    rows = [[i for i in [first] if i is not None] + s + list(prompt_ids) + [self.tokenizer.mask_token_id] + suffix
+            + [i for i in [last] if i is not None] for s in sentence_ids]                    # <s> x p <mask> . </s>
     input_ids = _pad_rows(rows, self.pad_id)                                                    # (N, L)
     attention = torch.zeros_like(input_ids)
     for i, row in enumerate(rows):
@@ -1323,6 +1325,7 @@ def _reproduce_prompt(config) -> dict:
     cfg = replace(cfg, **{k[len("prompt_"):]: v for k, v in config.options.items()
                           if k.startswith("prompt_") and hasattr(GuidanceConfig, k[len("prompt_"):])})
     test = list(load_fewshot("sst-2", split="test", data_dir=config.data_dir))
+    test = test[:int(config.options["prompt_test_limit"])] if "prompt_test_limit" in config.options else test
     metrics, results = {}, None
     for split in split_seeds:
         task = FewShotPromptTask(scorer, list(load_fewshot("sst-2", split, "train", config.data_dir)), policy_lm,
@@ -1340,6 +1343,7 @@ def _reproduce_prompt(config) -> dict:
                                      [r["hand_written"]["test_accuracy"] for k, r in metrics.items()
                                       if k.startswith("prompt/split_")])}
     metrics["prompt/config"] = dict(vars(cfg))
+    metrics["prompt/test_sentences"] = len(test)
     return metrics
 
 # %% ../nbs/13_guidance.ipynb #a6eaf60f
