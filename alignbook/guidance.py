@@ -24,10 +24,10 @@ logger = get_logger(__name__)
 __all__ = ['logger', 'AGGREGATIONS', 'E2E_SIZES', 'HAND_WRITTEN_PROMPT', 'SMALL_TOY_B', 'PARTS', 'PAPER_MODELS', 'bound_rewards',
            'GuidanceModel', 'aggregate', 'listmle_loss', 'reinforce_loss', 'reward_to_go', 'wmle_weights', 'wmle_loss',
            'refit_steps', 'CountingEvaluator', 'GuidanceConfig', 'HiddenValueTask', 'sample_sequences', 'policy_logits',
-           'fit_guidance', 'train_with_guidance', 'spearman', 'guidance_by_token', 'run_toy_a', 'plot_value_vs_calls',
-           'NoisySortTask', 'compare_wmle', 'run_toy_b', 'plot_toy_b', 'CompactVocab', 'HubVocab', 'linearize_mr',
-           'E2ETask', 'run_e2e', 'plot_e2e', 'gap_reward', 'PromptScorer', 'PromptPolicy', 'FewShotPromptTask',
-           'run_prompt_experiment', 'plot_prompts', 'reproduce']
+           'fit_guidance', 'train_with_guidance', 'spearman', 'guidance_by_token', 'guidance_by_token_position',
+           'run_toy_a', 'plot_value_vs_calls', 'plot_guidance_heatmap', 'NoisySortTask', 'compare_wmle', 'run_toy_b',
+           'plot_toy_b', 'CompactVocab', 'HubVocab', 'linearize_mr', 'E2ETask', 'run_e2e', 'plot_e2e', 'gap_reward',
+           'PromptScorer', 'PromptPolicy', 'FewShotPromptTask', 'run_prompt_experiment', 'plot_prompts', 'reproduce']
 
 # %% ../nbs/13_guidance.ipynb #d54b7990
 def bound_rewards(
@@ -422,7 +422,8 @@ def train_with_guidance(
     weighting: Literal["guidance", "sequence"] = "guidance",
     seed: int = 0,
     progress: bool = False,
-) -> dict:  # {"history", "fits", "policy", "guidance", "calls"}
+    on_first_fit: Callable | None = None,  # (policy, guidance) -> anything, called right after the first fit
+) -> dict:  # {"history", "fits", "policy", "guidance", "calls", "first_fit"}: first_fit is on_first_fit's output
     "Alternate guidance fits and REINFORCE policy steps (or run the sequence-level baseline)."
     from alignbook.train import train
     if weighting not in ("guidance", "sequence"):
@@ -436,18 +437,21 @@ def train_with_guidance(
     fit_at = [s for s in refit_steps(cfg.policy_steps, cfg.refit_every, cfg.refit_window) if s < cfg.policy_steps] \
         if guidance is not None else [0]
     bounds = fit_at[1:] + [cfg.policy_steps]
-    history, fits = [], []
+    history, fits, first_fit = [], [], None
     for index, (start, stop) in enumerate(zip(fit_at, bounds)):
         if guidance is not None:
             steps = cfg.guidance_steps if index == 0 else cfg.refit_steps
             fits.append(fit_guidance(guidance, policy, task, evaluator, cfg, steps, seed=seed + 10 * index,
                                      progress=progress))
+            if index == 0 and on_first_fit is not None:
+                first_fit = on_first_fit(policy, guidance)
         closure = _policy_closure(task, guidance, evaluator, cfg, weighting, generator)
         segment = train(policy, closure, lambda step: None, stop - start, optimizer=optimizer,
                         max_grad_norm=cfg.max_grad_norm, progress=progress, seed=seed + 10 * index + 1,
                         log_every=max(1, (stop - start) // 3))
         history += [{**h, "step": h["step"] + start} for h in segment]
-    return {"history": history, "fits": fits, "policy": policy, "guidance": guidance, "calls": evaluator.calls}
+    return {"history": history, "fits": fits, "policy": policy, "guidance": guidance, "calls": evaluator.calls,
+            "first_fit": first_fit}
 
 # %% ../nbs/13_guidance.ipynb #28defd85
 def spearman(x: Tensor, y: Tensor) -> float:
@@ -466,13 +470,35 @@ def guidance_by_token(guidance: GuidanceModel, tokens: Tensor, vocab_size: int) 
     return torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
 
 # %% ../nbs/13_guidance.ipynb #8bbe453a
+@torch.no_grad()
+def guidance_by_token_position(guidance: GuidanceModel, tokens: Tensor, vocab_size: int) -> Tensor:  # (V, T)
+    "Mean guidance per (token id, position) over the sequences in `tokens`; NaN where a pair never occurs."
+    rewards = guidance(tokens).float()                                                    # (N, T)
+    length = tokens.shape[1]
+    flat = (tokens * length + torch.arange(length)).flatten()                              # id * T + position
+    total = torch.zeros(vocab_size * length).index_add_(0, flat, rewards.flatten())
+    count = torch.zeros(vocab_size * length).index_add_(0, flat, torch.ones(flat.shape[0]))
+    mean = torch.where(count > 0, total / count.clamp(min=1), torch.full_like(total, float("nan")))
+    return mean.view(vocab_size, length)
+
+def _probe_first_fit(task: HiddenValueTask, seed: int, samples: int = 512):
+    def probe(policy, guidance) -> dict:
+        tokens = sample_sequences(policy, samples, task.length, task.bos_id, task.vocab_size,
+                                  torch.Generator().manual_seed(10_000 + seed))
+        by_token = guidance_by_token(guidance, tokens, task.vocab_size)
+        seen = ~torch.isnan(by_token)
+        return {"heatmap": guidance_by_token_position(guidance, tokens, task.vocab_size),
+                "spearman": spearman(by_token[seen], task.values[seen]) if seen.sum() > 2 else float("nan")}
+    return probe
+
 def run_toy_a(cfg: GuidanceConfig, seeds: tuple[int, ...] = (0, 1), progress: bool = False) -> dict:
     "Guided REINFORCE vs sequence-level REINFORCE on the hidden-token-values toy, per seed."
     results = {"guidance": [], "sequence": []}
     for seed in seeds:
         task = HiddenValueTask(seed=seed)
         for method in results:
-            run = train_with_guidance(task, cfg, method, seed=seed, progress=progress)
+            run = train_with_guidance(task, cfg, method, seed=seed, progress=progress,
+                                      on_first_fit=_probe_first_fit(task, seed) if method == "guidance" else None)
             record = {"seed": seed, "calls": run["calls"],
                       "curve": [(h["step"], h["evaluator/calls"], h["reward/true"]) for h in run["history"]],
                       "final": sum(h["reward/true"] for h in run["history"][-10:]) / 10}
@@ -483,6 +509,9 @@ def run_toy_a(cfg: GuidanceConfig, seeds: tuple[int, ...] = (0, 1), progress: bo
                 seen = ~torch.isnan(by_token)
                 record["spearman_final"] = spearman(by_token[seen], task.values[seen]) if seen.sum() > 2 else float("nan")
                 record["fit_losses"] = [[h["loss/listmle"] for h in fit] for fit in run["fits"]]
+                record["spearman_first_fit"] = run["first_fit"]["spearman"]
+                record["heatmap_first_fit"] = run["first_fit"]["heatmap"]
+                record["hidden_values"] = task.values
             results[method].append(record)
     return results
 
@@ -500,6 +529,25 @@ def plot_value_vs_calls(results: dict, title: str = ""):
     ax.set_ylabel("true evaluator value R (mean over samples)")
     ax.set_title(title)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+# %% ../nbs/13_guidance.ipynb #e8a9a5af
+def plot_guidance_heatmap(record: dict, title: str = ""):
+    "Mean guidance per (token id, position) after the first fit, rows sorted by the hidden value v, next to v."
+    import matplotlib.pyplot as plt
+    order = record["hidden_values"].argsort(descending=True)
+    heat = record["heatmap_first_fit"][order]                                              # (V, T)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(7, 5), gridspec_kw={"width_ratios": [3, 1]}, sharey=True)
+    image = left.imshow(heat.numpy(), aspect="auto", cmap="viridis", interpolation="nearest")
+    fig.colorbar(image, ax=left, label="mean guidance r (blank: never sampled)")
+    left.set_xlabel("position t")
+    left.set_ylabel("token id, sorted by hidden value (highest first)")
+    left.set_yticks(range(len(order)), [str(int(i)) for i in order], fontsize=6)
+    left.set_title(title or f"Toy A, seed {record['seed']}: guidance after the first fit")
+    right.barh(range(len(order)), record["hidden_values"][order].numpy(), color="C2")
+    right.set_xlabel("hidden value v")
+    right.set_title(f"Spearman {record['spearman_first_fit']:.2f}")
     fig.tight_layout()
     return fig
 
@@ -1256,6 +1304,7 @@ def _reproduce_toys(config, parts) -> dict:
         results = run_toy_a(cfg, seeds, progress=config.progress)
         save_figure(config, plot_value_vs_calls(results, f"Toy A, GPT-2 2x64, {cfg.policy_steps} steps, seeds "
                                                          f"{list(seeds)}"), "value_vs_calls")
+        save_figure(config, plot_guidance_heatmap(results["guidance"][0]), "guidance_heatmap")
         final_g, final_s = [r["final"] for r in results["guidance"]], [r["final"] for r in results["sequence"]]
         metrics.update({
             "summary": {"metric": "final true value R (Toy A)", "baseline": _mean(final_s), "method": _mean(final_g)},
@@ -1265,6 +1314,7 @@ def _reproduce_toys(config, parts) -> dict:
             "calls_to_reach_baseline_final/guidance": [_calls_to_reach(g["curve"], s["final"]) for g, s in
                                                        zip(results["guidance"], results["sequence"])],
             "spearman_guidance_vs_hidden_values": [r["spearman_final"] for r in results["guidance"]],
+            "spearman_after_first_fit": [r["spearman_first_fit"] for r in results["guidance"]],
             "listmle_first_fit_start_end": [[f[0][0], f[0][-1]] for f in (r["fit_losses"] for r in results["guidance"])]})
     if "toy_b" in parts:
         options = {k[len("toy_b_"):]: v for k, v in config.options.items() if k.startswith("toy_b_")}

@@ -167,3 +167,20 @@ def test_reproduce_rejects_unknown_part(tmp_path):
     config = ReproduceConfig("guidance", "small", out_dir=tmp_path, options={"parts": "toy_a,summaries"})
     with pytest.raises(ValueError, match="summaries"):
         reproduce(config)
+
+
+def test_heatmap_matches_loop():
+    from alignbook.guidance import HiddenValueTask, guidance_by_token_position
+    task = HiddenValueTask(vocab_size=6, length=3)
+    guidance = task.guidance(hidden_size=16, head_hidden=8).eval()
+    tokens = torch.randint(0, 6, (20, 3), generator=torch.Generator().manual_seed(0))
+    heat = guidance_by_token_position(guidance, tokens, 6)
+    with torch.no_grad():
+        rewards = guidance(tokens)
+    for token in range(6):
+        for t in range(3):
+            hits = tokens[:, t] == token
+            if hits.any():
+                torch.testing.assert_close(heat[token, t], rewards[hits, t].mean())
+            else:
+                assert torch.isnan(heat[token, t])
