@@ -709,14 +709,14 @@ def format_prompt(
 class RealStudyConfig:
     "Settings of the pretrained-model study: on- vs off-policy weights, then a short DPO vs WPO fine-tune."
     model: str = "smollm2"  # "smollm2", a Hub id or folder, or "tiny-llama" / "tiny-gpt2" (random, for tests)
-    n_alpaca: int = 112  # AlpacaEval pairs (one per instruction, ties dropped), held-out ones included
-    n_hh: int = 112  # hh-rlhf harmless-base pairs, held-out ones included
-    n_eval: int = 64  # held-out pairs, half from each source, taken from the end of each source's selection
+    n_alpaca: int = 80  # AlpacaEval pairs (one per instruction, ties dropped), held-out ones included
+    n_hh: int = 80  # hh-rlhf harmless-base pairs, held-out ones included
+    n_eval: int = 48  # held-out pairs, half from each source, taken from the end of each source's selection
     max_prompt_length: int = 64  # prompt tokens kept (the last ones)
-    max_response_length: int = 48  # response tokens kept, for data-set responses and own samples alike
-    n_sample_prompts: int = 96  # prompts (half from each source) for which the model samples its own responses
+    max_response_length: int = 40  # response tokens kept, for data-set responses and own samples alike
+    n_sample_prompts: int = 64  # prompts (half from each source) for which the model samples its own responses
     samples_per_prompt: int = 2  # own samples per prompt; two give an on-policy pair weight
-    steps: int = 40  # preference-optimisation steps of each method
+    steps: int = 28  # preference-optimisation steps of each method: one pass over the 112 training pairs
     batch_size: int = 4  # pairs per micro-batch
     grad_accum: int = 1  # micro-batches per step
     lr: float = 2e-5  # AdamW learning rate, the same for DPO and WPO
@@ -725,7 +725,7 @@ class RealStudyConfig:
     max_grad_norm: float = 1.0  # Hugging Face Trainer default, kept by the official configs
     train_last_layers: int | None = 2  # train only the last decoder blocks and the final norm; None trains all
     eval_every: int | None = None  # held-out evaluation interval in steps; None evaluates after the last step only
-    n_kl_prompts: int = 32  # held-out prompts sampled by each policy for the KL estimate
+    n_kl_prompts: int = 24  # held-out prompts sampled by each policy for the KL estimate
     generation_batch_size: int = 16  # sequences sampled at once
     dtype: str = "float32"  # dtype the model weights are loaded in
     device: str = "cpu"
@@ -840,8 +840,7 @@ def sample_with_logits(
             break
         mask = torch.cat([mask, torch.ones_like(token)], 1)                                  # (n, T + 1)
         positions = positions[:, -1:] + 1                                                    # (n, 1)
-        out = model(input_ids=token, attention_mask=mask, position_ids=positions, past_key_values=out.past_key_values,
-                    use_cache=True)
+        out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=out.cache, use_cache=True)
     sampled = torch.cat(tokens, 1).tolist()                                                  # n x S
     responses = [row[: row.index(eos_token_id) + 1] if eos_token_id in row else row for row in sampled]
     return responses, torch.stack(step_logits, 1)                                           # (n, S, V)
@@ -890,11 +889,13 @@ def reference_pass(
     collator,  # `study_collator(...)`
     batch_size: int,  # pairs per batch
     alignment: Literal["sampled", "greedy", "none"] = "sampled",
+    progress: bool = False,
 ) -> list[dict]:  # stacked pair batches with `reference_logps` (2B,)
     "Stack `rows` into batches, store the summed reference log-probs in each and the WPO log-weights in each row."
+    from tqdm.auto import tqdm
     device = next(model.parameters()).device
     batches = []
-    for start in range(0, len(rows), batch_size):
+    for start in tqdm(range(0, len(rows), batch_size), desc="reference pass", disable=not progress):
         chunk = rows[start:start + batch_size]
         batch = stack_pairs(chunk, collator)
         labels = batch["labels"].to(device)
@@ -915,10 +916,12 @@ def sample_own_responses(
     pad_token_id: int,
     generator: torch.Generator | None = None,
     alignment: Literal["sampled", "greedy", "none"] = "sampled",
+    progress: bool = False,
 ) -> None:
     "Sample `samples_per_prompt` responses per row and store their WPO log-weights and lengths in the row."
+    from tqdm.auto import tqdm
     per_batch = max(1, config.generation_batch_size // config.samples_per_prompt)
-    for start in range(0, len(rows), per_batch):
+    for start in tqdm(range(0, len(rows), per_batch), desc="own samples", disable=not progress):
         chunk = rows[start:start + per_batch]
         prompts = [r["prompt_ids"] for r in chunk for _ in range(config.samples_per_prompt)]
         responses, step_logits = sample_with_logits(model, prompts, config.max_response_length, eos_token_id,
@@ -1069,11 +1072,12 @@ def run_real_study(
     tokenizer, model = load_study_model(config, data_dir)
     collator = study_collator(config, tokenizer)
     train_rows, eval_rows = load_study_pairs(config, tokenizer, data_dir)
-    train_batches = reference_pass(model, train_rows, collator, config.batch_size, alignment)
-    eval_batches = reference_pass(model, eval_rows, collator, config.batch_size, alignment)
+    train_batches = reference_pass(model, train_rows, collator, config.batch_size, alignment, progress)
+    eval_batches = reference_pass(model, eval_rows, collator, config.batch_size, alignment, progress)
     sample_rows = _sample_prompt_rows(train_rows, config.n_sample_prompts)
     sample_own_responses(model, sample_rows, config, tokenizer.eos_token_id, collator.pad_id,
-                         torch.Generator().manual_seed(seed), alignment)
+                         torch.Generator().manual_seed(seed), alignment, progress)
+    logger.info("Sampled %d own responses; training DPO and WPO", sum(len(r["own_log_w"]) for r in sample_rows))
     reference = frozen_copy(model)
     kl_prompts = [r["prompt_ids"] for r in eval_rows][:config.n_kl_prompts]
     def eval_fn(policy):

@@ -60,3 +60,49 @@ def test_controlled_task_weight_gap_and_trend():
     assert end_ratio > start_ratio
     assert end["eval/kl"] > 0
     assert end["eval/reward"] > start["eval/reward"]
+
+
+def test_real_preset_path_with_tiny_model(tmp_path):
+    "The real preset's reproduce path (study, figure, metrics) on a tiny random Llama and two pairs per source."
+    import json
+    import math
+
+    from alignbook.reproduce import ReproduceConfig, run_chapter
+    options = {"frac_off": "", "real_study.model": "tiny-llama", "real_study.n_alpaca": "3", "real_study.n_hh": "3",
+               "real_study.n_eval": "2", "real_study.max_prompt_length": "16", "real_study.max_response_length": "8",
+               "real_study.n_sample_prompts": "4", "real_study.steps": "2", "real_study.batch_size": "2",
+               "real_study.n_kl_prompts": "2", "real_study.eval_every": "1"}
+    result = run_chapter(ReproduceConfig("wpo", preset="real", out_dir=tmp_path, progress=False, options=options))
+    assert result.status == "ok", result.error
+    metrics = json.loads((tmp_path / "wpo" / "metrics.json").read_text())
+    study = metrics["real_study"]
+    assert study["sizes"] == {"train_pairs": 4, "eval_pairs": 2, "sample_prompts": 4, "kl_prompts": 2}
+    assert (tmp_path / "wpo" / "wpo_real_study.png").is_file()
+    for source in ("alpaca", "hh", "all"):
+        report = study["weights"][source]
+        assert report["own"]["n"] == 2 * report["chosen"]["n"]
+        # chosen and rejected sets have the same size, so the mean over both is the average of their means
+        data_mean_log_w = 0.5 * (report["chosen"]["mean_log_w"] + report["rejected"]["mean_log_w"])
+        expected_gap = math.exp(report["own"]["mean_log_w"] - data_mean_log_w)
+        assert report["gap_response"] == pytest.approx(expected_gap, rel=1e-6)
+        assert report["own"]["q10_w"] <= report["own"]["q50_w"] <= report["own"]["q90_w"]
+    assert 0.0 <= study["dpo"]["eval/rewards/accuracies"] <= 1.0
+    assert study["wpo"]["train/weights/mean_first"] <= 1.0
+    assert study["reference"]["eval/kl"] == 0.0
+
+
+def test_paper_preset_config():
+    "The paper preset carries the official Llama-3-8B-Instruct hyperparameters without running anything."
+    from alignbook.wpo import wpo_experiment_config
+    study = wpo_experiment_config("paper").real_study
+    assert study.model == "meta-llama/Meta-Llama-3-8B-Instruct"
+    assert (study.beta, study.lr) == (0.01, 1e-6)
+    assert study.batch_size * study.grad_accum == 128
+    assert (study.max_prompt_length, study.max_prompt_length + study.max_response_length) == (1800, 2048)
+    assert study.train_last_layers is None
+    overridden = wpo_experiment_config("real", {"real_study.steps": "3", "real_study.train_last_layers": "none"})
+    assert (overridden.real_study.steps, overridden.real_study.train_last_layers) == (3, None)
+    with pytest.raises(ValueError, match="real_study.<field>"):
+        wpo_experiment_config("real", {"real_study.stepz": "3"})
+    with pytest.raises(ValueError, match="needs the pretrained-model study"):
+        wpo_experiment_config("small", {"real_study.steps": "3"})
