@@ -115,6 +115,29 @@ def test_synthetic_round_trip_accuracy(synthetic_vae):
     assert accuracy["exact"] > 0.5, accuracy
 
 
+def greedy_by_recomputation(vae, z, max_length):
+    "Greedy ids from the teacher-forced decoder re-run on the whole prefix at every step (no cache, full batch)."
+    ids = torch.empty(z.shape[0], 0, dtype=torch.long)
+    for _ in range(max_length):
+        placeholder = torch.full((z.shape[0], 1), vae.eos_token_id)  # position k is scored from ids[:, :k] only
+        scores = vae.decode_logits(z, torch.cat([ids, placeholder], 1))[:, -1]  # (B, V)
+        scores[:, [vae.pad_token_id, vae.bos_token_id]] = torch.finfo(scores.dtype).min
+        ids = torch.cat([ids, scores.argmax(-1, keepdim=True)], 1)
+    ended = (ids == vae.eos_token_id).long().cumsum(1) - (ids == vae.eos_token_id).long()  # > 0 after the first eos
+    return ids.masked_fill(ended > 0, vae.pad_token_id)
+
+
+def test_generate_matches_recomputation(synthetic_vae):
+    vae, _, ids, _ = synthetic_vae
+    with torch.no_grad():
+        z = vae.encode(ids[:64])[0]
+    generated = vae.generate(z)
+    reference = greedy_by_recomputation(vae, z, vae.max_length)[:, : generated.shape[1]]
+    lengths = (generated != vae.pad_token_id).sum(1)
+    assert lengths.unique().numel() > 3, lengths  # rows leave the batch at different steps
+    assert torch.equal(generated, reference)
+
+
 def test_synthetic_generation_and_guidance(synthetic_vae):
     vae, tokenizer, ids, rows = synthetic_vae
     raw = encode_latents(vae, ids)
@@ -164,17 +187,35 @@ def test_config_options_are_checked():
         config_for("huge")
 
 
+@pytest.mark.parametrize("preset", ["real", "paper"])
+def test_presets_build_models(preset):
+    config = config_for(preset)
+    assert config.backbone == "transformer"
+    vae = TextVAE(1000, config.latent_dim, config.backbone, config.embed_dim, config.hidden_size, config.num_layers,
+                  config.num_heads, max_length=config.max_words + 1).eval()
+    ids = torch.randint(4, 1000, (2, config.max_words + 1))
+    with torch.no_grad():
+        mu, _ = vae.encode(ids)
+        assert vae.decode_logits(mu, ids).shape == (2, config.max_words + 1, 1000)
+        assert vae.generate(mu, max_length=3).shape[0] == 2
+        velocity = VelocityMLP(config.latent_dim, config.flow_hidden, config.flow_layers)
+        assert velocity(mu, torch.zeros(2)).shape == (2, config.latent_dim)
+
+
 TINY_RUN = dict(vae_steps=3, beta_anneal_steps=2, flow_steps=3, ddpm_steps=3, transfer_steps=3, classifier_steps=3,
                 lm_steps=3, num_reflow_pairs=32, num_transfer_pairs=32, reflow_solver_steps=3, num_samples=16,
                 num_reference=32, step_grid=(1, 4), ddpm_sample_steps=5, num_edit=8, num_reconstruct=16,
-                hidden_size=32, flow_hidden=32, lm_hidden_size=32)
+                hidden_size=32, flow_hidden=32, lm_hidden_size=32, vae_batch_size=16, flow_batch_size=32,
+                lm_batch_size=16)
 
 
-@pytest.mark.parametrize("backbone,training", [("gru", "lexicographic"), ("transformer", "two_stage")])
-def test_run_experiment_end_to_end(backbone, training):
+@pytest.mark.parametrize("preset,backbone,training", [("small", "gru", "lexicographic"),
+                                                      ("small", "transformer", "two_stage"),
+                                                      ("paper", "transformer", "lexicographic")])
+def test_run_experiment_end_to_end(preset, backbone, training):
     from alignbook.langflow import run_experiment
-    config = config_for("small", {**TINY_RUN, "backbone": backbone, "training": training,
-                                  "joint_steps": 2 if training != "two_stage" else 0})
+    config = config_for(preset, {**TINY_RUN, "backbone": backbone, "training": training,
+                                 "joint_steps": 2 if training != "two_stage" else 0, "timing_repeats": 1})
     out = run_experiment(config)
     assert set(out["generation"]["2-RF"]) == {1, 4}
     assert set(out["generation"]["DDPM"]) == {1, 4, 5}
@@ -185,6 +226,8 @@ def test_run_experiment_end_to_end(backbone, training):
             assert 0.0 <= metrics["distinct"] <= 1.0
             assert metrics["ppl"] > 1.0
             assert math.isfinite(metrics["w2"])
+    for name in ("2-RF", "DDPM"):
+        assert 0 < out["speed"][name]["latent_ms"] <= out["speed"][name]["total_ms"]
 
 
 def test_compare_joint_training_tiny():
