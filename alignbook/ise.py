@@ -25,14 +25,15 @@ logger = get_logger(__name__)
 __all__ = ['logger', 'ISE_SEGMENTS', 'OUTPUT_ID', 'DEFAULT_INIT_STD', 'STRUQ_PAYLOAD', 'STRUQ_ATTACKS',
            'STRUQ_RESPONSE_DELIMITER', 'STRUQ_INSTRUCTION_DELIMITER', 'MAX_ESCAPE_CHARACTERS', 'EXTRACTION_THRESHOLD',
            'BIPIA_POSITIONS', 'SPECIAL_WORDS', 'TASK_WORDS', 'PRINT_WORDS', 'SYSTEM_TEXT', 'BENCHMARK_VOCAB', 'WORD_ID',
-           'SYS', 'USR', 'DAT', 'OUT', 'BENCHMARK_ATTACKS', 'MAX_ESCAPE_NEWLINES', 'ARMS', 'CELL_LABELS',
-           'SegmentEmbedding', 'ISEMixin', 'ise_class', 'add_segment_embedding', 'load_ise_model', 'message_spans',
-           'encode_with_segments', 'ise_collate', 'struq_attack', 'robust_accuracy', 'lcs_recall', 'extraction_success',
-           'bipia_attack', 'BenchmarkSpec', 'task_answer', 'encode_words', 'make_injection_benchmark',
-           'evaluate_injection', 'ISEConfig', 'ise_sft_loss', 'train_injection_model', 'run_injection_experiment',
-           'summarize_rows', 'plot_injection_results', 'score_pair', 'layer0_attention', 'plot_layer0_attention',
-           'reproduce', 'alpaca_messages', 'struq_training_rows', 'encode_conversations', 'finetune_causal_lm',
-           'generate_responses', 'reference_nll', 'evaluate_struq', 'evaluate_bipia', 'run_finetuning_experiment']
+           'SYS', 'USR', 'DAT', 'OUT', 'DATA_TEXT_WORDS', 'BENCHMARK_ATTACKS', 'MAX_ESCAPE_NEWLINES', 'ARMS',
+           'CELL_LABELS', 'SegmentEmbedding', 'ISEMixin', 'ise_class', 'add_segment_embedding', 'load_ise_model',
+           'message_spans', 'encode_with_segments', 'ise_collate', 'struq_attack', 'robust_accuracy', 'lcs_recall',
+           'extraction_success', 'bipia_attack', 'BenchmarkSpec', 'task_answer', 'encode_words',
+           'make_injection_benchmark', 'evaluate_injection', 'ISEConfig', 'ise_sft_loss', 'train_injection_model',
+           'run_injection_experiment', 'summarize_rows', 'plot_injection_results', 'score_pair', 'layer0_attention',
+           'plot_layer0_attention', 'reproduce', 'alpaca_messages', 'struq_training_rows', 'encode_conversations',
+           'finetune_causal_lm', 'generate_responses', 'reference_nll', 'evaluate_struq', 'evaluate_bipia',
+           'run_finetuning_experiment']
 
 # %% ../nbs/15_ise.ipynb #847ecf5b
 ISE_SEGMENTS: dict[str, int] = {"system": 0, "user": 1, "data": 2, "assistant": 3}  # official role -> id mapping
@@ -466,6 +467,8 @@ class BenchmarkSpec:
     min_digits: int = 3
     max_digits: int = 6
     p_adversarial: float = 0.5  # share of attacked conversations in the adversarial variant
+    p_data_words: float = 0.3  # structured turns whose data block also holds instruction-vocabulary words
+    max_data_words: int = 2  # at most this many such words per data block
 
 def task_answer(task: str, digits: Sequence[int]) -> int:
     "Answer of a task word on a list of digits (COUNT is the number of digits, at most 9)."
@@ -483,6 +486,20 @@ def _answer(words: Sequence[str]) -> list[tuple]:
 def _digits(rng, spec: BenchmarkSpec) -> list[int]:
     return rng.integers(0, 10, rng.integers(spec.min_digits, spec.max_digits + 1)).tolist()
 
+DATA_TEXT_WORDS = TASK_WORDS + ("PRINT", "IGNORE") + PRINT_WORDS[:-1]  # words that may occur as data (no hacked)
+
+def _data_words(rng, spec: BenchmarkSpec, digits: Sequence[int]) -> list[str]:
+    "The digits as words, with up to `max_data_words` instruction-vocabulary words mixed in; never `PRINT w`."
+    words = [str(d) for d in digits]
+    if rng.random() >= spec.p_data_words:
+        return words
+    while True:
+        mixed = list(words)
+        for _ in range(rng.integers(1, spec.max_data_words + 1)):
+            mixed.insert(int(rng.integers(len(mixed) + 1)), DATA_TEXT_WORDS[rng.integers(len(DATA_TEXT_WORDS))])
+        if not any(a == "PRINT" and b in PRINT_WORDS for a, b in zip(mixed, mixed[1:])):
+            return mixed
+
 def _turn(rng, spec: BenchmarkSpec, injection: Sequence[str] = (), kind: int | None = None) -> list[tuple]:
     "One turn: kind 0 structured, 1 print, 2 unstructured (drawn when None); `injection` goes after the data."
     if kind is None:
@@ -496,7 +513,7 @@ def _turn(rng, spec: BenchmarkSpec, injection: Sequence[str] = (), kind: int | N
     if kind == 2:
         words = [task] + [str(d) for d in digits] if rng.random() < 0.5 else [str(d) for d in digits] + [task]
         return [("<user>", USR, False)] + [(w, USR, False) for w in words] + _answer(answer)
-    data = [("<data>", DAT, False)] + [(str(d), DAT, False) for d in digits] + [(w, DAT, False) for w in injection]
+    data = [("<data>", DAT, False)] + [(w, DAT, False) for w in [*_data_words(rng, spec, digits), *injection]]
     return [("<user>", USR, False), (task, USR, False)] + data + _answer(answer)
 
 # %% ../nbs/15_ise.ipynb #f911d81c
@@ -654,8 +671,8 @@ class ISEConfig:
 
     @classmethod
     def small(cls) -> "ISEConfig":
-        "CPU preset: the synthetic benchmark, clean and adversarial training, one seed (about 3 CPU minutes)."
-        return cls(init_std=0.02, steps=800, n_train=10_000, variants=("clean", "adversarial"))
+        "CPU preset: the synthetic benchmark, clean training, seeds 0-2, six tiny models (about 3.5 CPU minutes)."
+        return cls(init_std=0.02, steps=800, n_train=10_000, variants=("clean",), seeds=(0, 1, 2))
 
     @classmethod
     def real(cls) -> "ISEConfig":

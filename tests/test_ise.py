@@ -256,6 +256,29 @@ def test_baseline_cannot_tell_completion_attack_from_second_turn():
         assert torch.equal(a, g) == (not enabled)
 
 
+def test_clean_data_words_are_content_only():
+    "Instruction words inside clean data blocks never change the answer and never form a print instruction."
+    from alignbook.ise import PRINT_WORDS, BenchmarkSpec, _turn, task_answer
+    rng, spec = np.random.default_rng(3), BenchmarkSpec(p_data_words=1.0)
+    for _ in range(500):
+        turn = [w for w, _, _ in _turn(rng, spec, kind=0)]
+        end = turn.index("<asst>")
+        data = turn[3:end]
+        digits = [int(w) for w in data if w.isdigit()]
+        assert len(data) > len(digits)
+        assert turn[end + 1] == str(task_answer(turn[1], digits))
+        assert "hacked" not in data
+        assert not any(a == "PRINT" and b in PRINT_WORDS for a, b in zip(data, data[1:]))
+
+
+def test_test_prompts_hold_only_digits_and_attack():
+    bench = make_injection_benchmark(n_train=20, n_test=20)
+    vocab = {i: w for w, i in WORD_ID.items()}
+    for encoding in bench["test"]["utility"][0]:
+        data = [vocab[i] for i, s in zip(encoding["input_ids"], encoding["token_type_ids"]) if s == 2]
+        assert data[0] == "<data>" and all(w.isdigit() for w in data[1:])
+
+
 def test_evaluate_injection_reports_every_cell():
     bench = make_injection_benchmark(n_train=20, n_test=5)
     model = add_segment_embedding(tiny_causal_lm("llama", vocab_size=len(WORD_ID), hidden_size=32))
@@ -275,7 +298,7 @@ def test_small_preset_trains_both_arms(tmp_path):
     from alignbook.ise import reproduce
     from alignbook.reproduce import ReproduceConfig
     options = {"steps": 20, "n_train": 300, "n_test": 8, "hidden_size": 32, "intermediate_size": 64, "batch_size": 16,
-               "variants": ["clean"]}
+               "variants": ["clean"], "seeds": [0]}
     metrics = reproduce(ReproduceConfig("ise", out_dir=tmp_path, progress=False, options=options))
     assert metrics["summary"]["metric"].startswith("mean robust accuracy")
     assert metrics["synthetic"]["completion_equals_two_turn"] == {"baseline": True, "ISE": False}
