@@ -1128,7 +1128,7 @@ class LangFlowConfig:
 
     @classmethod
     def real(cls) -> "LangFlowConfig":
-        "Longer CPU run with the transformer backbone (BertModel + GPT2LMHeadModel), under an hour on CPU."
+        "Transformer backbone (BertModel + GPT2LMHeadModel) trained longer: about an hour of CPU time (an estimate)."
         return cls(backbone="transformer", hidden_size=128, vae_steps=6000, vae_batch_size=128, vae_lr=1e-3,
                    beta_anneal_steps=3000, flow_steps=6000, ddpm_steps=6000, transfer_steps=6000,
                    classifier_steps=1500, lm_steps=2000, num_samples=1000, num_reference=2000)

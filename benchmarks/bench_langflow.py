@@ -6,7 +6,7 @@ timed twice: with `TextVAE.generate` (cached input gates, finished rows leave th
 loop that calls `nn.GRU` on [embedding; z] for every word and keeps the whole batch until the last row ends.
 
 Weights are untrained. The cost of a step does not depend on the weights, but the untrained decoder seldom emits
-the end-of-sentence id, so its sentences are longer than the about 22 ids that the trained small-preset decoder
+the end-of-sentence id, so its sentences are longer than the 21 to 22 ids that the trained small-preset decoder
 emits on average (the script prints the mean length). The decoding times are therefore upper bounds and the
 end-to-end ratios lower bounds; the reproduction (`alignbook reproduce langflow`) times trained models.
 
