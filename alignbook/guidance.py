@@ -1100,9 +1100,13 @@ def _masked_logits(self: PromptScorer, sentence_ids, prompt_ids) -> Tensor:  # (
     attention = torch.zeros_like(input_ids)
     for i, row in enumerate(rows):
         attention[i, :len(row)] = 1
-    logits = self.model(input_ids=input_ids, attention_mask=attention).logits                  # (N, L, V)
-    at_mask = logits[input_ids == self.tokenizer.mask_token_id]                                 # (N, V)
-    return at_mask[:, self.verbalizer_ids]
+    is_mask = input_ids == self.tokenizer.mask_token_id                                        # (N, L)
+    head = getattr(self.model, "lm_head", None) or getattr(self.model, "cls", None)  # RoBERTa / BERT MLM heads
+    if head is None:
+        return self.model(input_ids=input_ids, attention_mask=attention).logits[is_mask][:, self.verbalizer_ids]
+    # the MLM head runs on the mask positions only, not on all L positions
+    hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state  # (N, L, D)
+    return head(hidden[is_mask])[:, self.verbalizer_ids]                                       # (N, C)
 
 # %% ../nbs/13_guidance.ipynb #ee5cfb44
 class PromptPolicy(nn.Module):
@@ -1339,7 +1343,7 @@ def _reproduce_e2e(config) -> dict:
     task = None
     if config.preset == "paper":
         from transformers import AutoTokenizer
-        name = PAPER_MODELS["e2e"]
+        name = {**PAPER_MODELS, **config.options.get("paper_models", {})}["e2e"]
         task = E2ETask(load_e2e("dev", config.data_dir), list(load_e2e("test", config.data_dir)),
                        AutoTokenizer.from_pretrained(name), pretrained=name, head_hidden=2048)
     results = run_e2e(sizes, seed=config.seed, data_dir=config.data_dir, task=task, progress=config.progress)
@@ -1358,20 +1362,21 @@ def _reproduce_e2e(config) -> dict:
 def _reproduce_prompt(config) -> dict:
     from alignbook.data import load_fewshot
     from alignbook.reproduce import save_figure
-    split_seed = int(config.options.get("prompt_split_seed", 13))
     if config.preset == "paper":
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
-        scorer = PromptScorer(AutoModelForMaskedLM.from_pretrained(PAPER_MODELS["prompt_task"]),
-                              AutoTokenizer.from_pretrained(PAPER_MODELS["prompt_task"]), kind="masked")
-        policy_lm = AutoModelForCausalLM.from_pretrained(PAPER_MODELS["prompt_policy"])
-        policy_tokenizer = AutoTokenizer.from_pretrained(PAPER_MODELS["prompt_policy"])
+        models = {**PAPER_MODELS, **config.options.get("paper_models", {})}
+        scorer = PromptScorer(AutoModelForMaskedLM.from_pretrained(models["prompt_task"]),
+                              AutoTokenizer.from_pretrained(models["prompt_task"]), kind="masked")
+        policy_lm = AutoModelForCausalLM.from_pretrained(models["prompt_policy"])
+        policy_tokenizer = AutoTokenizer.from_pretrained(models["prompt_policy"])
         cfg = replace(GuidanceConfig.paper(), top_k=256, log_true_value=False, sequence_reward_norm="zscore")
-        split_seeds, guidance_backbone = (13, 21, 42, 87, 100), PAPER_MODELS["prompt_guidance"]
+        split_seeds, guidance_backbone = (13, 21, 42, 87, 100), models["prompt_guidance"]
     else:
         from alignbook.models import load_causal_lm, load_tokenizer
         lm = load_causal_lm("smollm2")
         scorer, policy_lm, policy_tokenizer = PromptScorer(lm, load_tokenizer("smollm2")), lm, None
-        cfg, split_seeds, guidance_backbone = GuidanceConfig.prompt_real(), (split_seed,), None
+        cfg, split_seeds, guidance_backbone = GuidanceConfig.prompt_real(), (13,), None
+    split_seeds = tuple(config.options.get("prompt_split_seeds", split_seeds))  # LM-BFF split seeds to run
     cfg = replace(cfg, **{k[len("prompt_"):]: v for k, v in config.options.items()
                           if k.startswith("prompt_") and hasattr(GuidanceConfig, k[len("prompt_"):])})
     test = list(load_fewshot("sst-2", split="test", data_dir=config.data_dir))

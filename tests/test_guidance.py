@@ -184,3 +184,32 @@ def test_heatmap_matches_loop():
                 torch.testing.assert_close(heat[token, t], rewards[hits, t].mean())
             else:
                 assert torch.isnan(heat[token, t])
+
+
+def test_paper_prompt_path_with_local_stand_ins(tmp_path, tokenizer):
+    "The paper preset's prompt path (masked task model, separate policy tokenizer) on tiny local stand-ins."
+    import json
+    from copy import deepcopy
+    from transformers import GPT2Config, GPT2LMHeadModel, RobertaConfig, RobertaForMaskedLM
+    masked_tok = deepcopy(tokenizer)
+    masked_tok.add_special_tokens({"mask_token": "<mask>", "cls_token": "<s>", "sep_token": "</s>"})
+    torch.manual_seed(0)
+    RobertaForMaskedLM(RobertaConfig(vocab_size=len(masked_tok), hidden_size=16, num_hidden_layers=1,
+                                     num_attention_heads=2, intermediate_size=32, pad_token_id=1,
+                                     max_position_embeddings=160)).save_pretrained(tmp_path / "task")
+    masked_tok.save_pretrained(tmp_path / "task")
+    GPT2LMHeadModel(GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1, n_head=2,
+                               n_positions=32)).save_pretrained(tmp_path / "policy")
+    tokenizer.save_pretrained(tmp_path / "policy")
+    models = {"prompt_task": str(tmp_path / "task"), "prompt_policy": str(tmp_path / "policy"),
+              "prompt_guidance": str(tmp_path / "policy")}
+    options = {"parts": "prompt", "paper_models": models, "prompt_guidance_steps": 1, "prompt_refit_steps": 1,
+               "prompt_policy_steps": 2, "prompt_refit_every": 1, "prompt_samples_per_step": 2,
+               "prompt_lists_per_step": 2, "prompt_test_limit": 3, "prompt_split_seeds": [21]}
+    metrics = reproduce(ReproduceConfig("guidance", "paper", out_dir=tmp_path / "runs", options=options,
+                                        progress=False))
+    assert [k for k in metrics if k.startswith("prompt/split_")] == ["prompt/split_21"]
+    first = metrics["prompt/split_21"]
+    assert first["guidance"][0]["evaluator_calls"] == first["sequence"][0]["evaluator_calls"] == 2 * 16
+    assert metrics["prompt/test_sentences"] == 3
+    json.dumps(metrics, default=str)
