@@ -1329,6 +1329,8 @@ def _slot_labels(texts: Sequence[str], slot: str) -> Tensor:  # (N,) value index
 def _timed(fn, *args, **kwargs):
     start = time.perf_counter()
     out = fn(*args, **kwargs)
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()  # GPU kernels run asynchronously: wait for them before reading the clock
     return out, time.perf_counter() - start
 
 
