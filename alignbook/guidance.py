@@ -667,7 +667,7 @@ def _seq2seq_guidance_data(task, policy, evaluator: CountingEvaluator, lists: in
 def compare_wmle(
     task,  # sample / evaluate_batch / policy / guidance / eos_id / pad_id / max_new_tokens, see above
     eval_fn: Callable,  # policy -> held-out metric (higher is better)
-    warmup_steps: int = 300,  # plain MLE steps before the comparison (stands in for a pretrained start)
+    warmup_steps: int = 300,  # plain MLE steps before the comparison (replaces pretraining)
     guidance_steps: int = 120,  # ListMLE steps of the first guidance fit
     refit_steps_count: int = 50,  # ListMLE steps of each later refit
     policy_steps: int = 400,  # LM steps of each method after the warm-up
@@ -949,9 +949,12 @@ E2E_SIZES = {
     # a reduced run for `--set parts=e2e` with the small preset: one seed, 200 + 2 x 100 LM steps
     "small": dict(warmup_steps=200, guidance_steps=20, refit_steps_count=10, policy_steps=100, refit_every=50,
                   batch_size=32, lists=16, curve_mrs=50, seeds=1),
-    # the `real` preset: three seeds, 300 + 2 x 200 LM steps (sized for a shared 2-core CPU)
+    # the `real` preset: three seeds, 300 + 2 x 200 LM steps, far below convergence
     "real": dict(warmup_steps=300, guidance_steps=30, refit_steps_count=15, policy_steps=200, refit_every=100,
                  batch_size=32, lists=16, curve_mrs=100, seeds=3),
+    # the `paper` preset with pretrained t5-small: the official summarisation rates (5e-5) and K = 3 lists of 8
+    "paper": dict(warmup_steps=4000, guidance_steps=1000, refit_steps_count=300, policy_steps=8000, refit_every=2000,
+                  batch_size=32, lists=8, curve_mrs=630, seeds=3, policy_lr=5e-5, guidance_lr=5e-5),
 }
 
 def run_e2e(
@@ -1283,9 +1286,6 @@ def plot_prompts(results: dict, title: str = ""):
 SMALL_TOY_B = dict(warmup_steps=200, guidance_steps=60, refit_steps_count=30, policy_steps=200, refit_every=100,
                    eval_size=100)  # the CPU budget version of the 300 / 120 / 50 / 400 / 150 / 200 toy
 PARTS = {"small": ("toy_a", "toy_b"), "real": ("e2e", "prompt"), "paper": ("prompt", "e2e")}
-E2E_SIZES["paper"] = dict(warmup_steps=4000, guidance_steps=1000, refit_steps_count=300, policy_steps=8000,
-                          refit_every=2000, batch_size=32, lists=8, curve_mrs=630, seeds=3, policy_lr=5e-5,
-                          guidance_lr=5e-5)  # official summarisation rates (5e-5) and K = 3 lists of 8 contexts
 PAPER_MODELS = {"prompt_task": "roberta-large", "prompt_policy": "distilgpt2", "prompt_guidance": "distilgpt2",
                 "e2e": "t5-small"}  # the official code's models for both tasks
 
@@ -1362,6 +1362,7 @@ def _reproduce_e2e(config) -> dict:
 def _reproduce_prompt(config) -> dict:
     from alignbook.data import load_fewshot
     from alignbook.reproduce import save_figure
+
     if config.preset == "paper":
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
         models = {**PAPER_MODELS, **config.options.get("paper_models", {})}
@@ -1377,10 +1378,12 @@ def _reproduce_prompt(config) -> dict:
         scorer, policy_lm, policy_tokenizer = PromptScorer(lm, load_tokenizer("smollm2")), lm, None
         cfg, split_seeds, guidance_backbone = GuidanceConfig.prompt_real(), (13,), None
     split_seeds = tuple(config.options.get("prompt_split_seeds", split_seeds))  # LM-BFF split seeds to run
+
     cfg = replace(cfg, **{k[len("prompt_"):]: v for k, v in config.options.items()
                           if k.startswith("prompt_") and hasattr(GuidanceConfig, k[len("prompt_"):])})
     test = list(load_fewshot("sst-2", split="test", data_dir=config.data_dir))
     test = test[:int(config.options["prompt_test_limit"])] if "prompt_test_limit" in config.options else test
+
     metrics, results = {}, None
     for split in split_seeds:
         task = FewShotPromptTask(scorer, list(load_fewshot("sst-2", split, "train", config.data_dir)), policy_lm,
@@ -1392,6 +1395,7 @@ def _reproduce_prompt(config) -> dict:
         save_figure(config, plot_prompts(results, f"SST-2 16-shot split {split}, task model "
                                                   f"{'RoBERTa-large' if config.preset == 'paper' else 'SmolLM2-135M'}"),
                     f"prompts_split_{split}")
+
     accuracy = lambda m: _mean([r[m][0]["test_accuracy"] for k, r in metrics.items() if k.startswith("prompt/split_")])
     metrics["prompt/summary"] = {"metric": "SST-2 test accuracy of the learned prompt", "baseline": accuracy("sequence"),
                                  "method": accuracy("guidance"), "hand_written": _mean(

@@ -1,6 +1,6 @@
 """Fast checks of `alignbook.guidance`: the E2E and few-shot prompt paths on tiny models and a few rows.
 
-The notebook `nbs/13_guidance.ipynb` holds the oracles of the losses; these tests cover the experiment code so
+The notebook `nbs/13_guidance.ipynb` contains the oracles of the losses. These tests cover the experiment code, so
 that a regression in the data plumbing, the cached task-model scoring or the call accounting fails CI.
 """
 import math
