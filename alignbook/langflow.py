@@ -554,9 +554,9 @@ class _GRUBackbone(nn.Module):
         output, _ = self.decoder(inputs, torch.tanh(self.init_state(z)).unsqueeze(0))  # (B, L, H)
         return self.lm_head(output)  # (B, L, V)
 
-    # Greedy decoding runs one GRU cell update per word. The input gates W_ih [e(w); z] + b_ih split into a
-    # word part, a (V, 3H) table computed once per call, and a z part computed once per sentence, so each step
-    # costs one (H, 3H) matrix product for the hidden gates plus the (H, V) output layer.
+    # Greedy decoding runs one GRU cell update per word. The input gates W_ih [e(w); z] + b_ih are the sum of a word
+    # part, looked up in a (V, 3H) table computed once per call, and a z part computed once per sentence. Each step
+    # then costs one (H, 3H) matrix product for the hidden gates and the (H, V) output layer.
     def start_decoding(self, z):  # (B, d) -> (B, V) logits of the first word, cache
         embed_dim = self.embedding.embedding_dim
         w_word, w_latent = self.decoder.weight_ih_l0.split([embed_dim, z.shape[1]], dim=1)  # (3H, E), (3H, d)
