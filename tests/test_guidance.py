@@ -213,3 +213,14 @@ def test_paper_prompt_path_with_local_stand_ins(tmp_path, tokenizer):
     assert first["guidance"][0]["evaluator_calls"] == first["sequence"][0]["evaluator_calls"] == 2 * 16
     assert metrics["prompt/test_sentences"] == 3
     json.dumps(metrics, default=str)
+
+
+def test_toy_b_runs_through_compare_wmle():
+    from alignbook.guidance import run_toy_b
+    results = run_toy_b(warmup_steps=3, guidance_steps=2, refit_steps_count=1, policy_steps=4, refit_every=2,
+                        batch_size=8, lists=4, eval_size=10)
+    assert results["wmle"]["calls"] == (2 + 1) * 4 * 3  # (fit + refit steps) x lists x K
+    assert [step for step, _ in results["mle"]["curve"]] == [0, 2, 4]
+    assert results["mle"]["curve"][0] == results["wmle"]["curve"][0]  # both start from the same warm-up
+    assert 0.0 <= results["wmle"]["auroc_corrupted"] <= 1.0
+    assert len(results["wmle"]["weights_clean"]) > 0
