@@ -95,9 +95,32 @@ def process_for_docs(path: Path) -> str:
 _QUARTO_ATTRS = re.compile(r'\{target="_blank"[^}]*\}')
 
 
+_CALLOUT = re.compile(r'^:::\s*\{\.callout-(note|tip|warning|important|caution)(?:\s+title="([^"]*)")?[^}]*\}\s*$')
+
+
+def _callouts_to_admonitions(text: str) -> str:
+    """Rewrite Quarto callouts (`::: {.callout-warning}`, optional heading as title) as MyST admonitions."""
+    lines, out, i = text.splitlines(), [], 0
+    while i < len(lines):
+        match = _CALLOUT.match(lines[i].strip())
+        if not match:
+            out.append(lines[i])
+            i += 1
+            continue
+        kind, title = match.group(1), match.group(2)
+        i += 1
+        if title is None and i < len(lines) and lines[i].startswith("#"):
+            title = lines[i].lstrip("#").strip()
+            i += 1
+        out += [f":::{{admonition}} {title}", f":class: {kind}"] if title else [f":::{{{kind}}}"]
+    return "\n".join(out)
+
+
 def _quarto_to_myst(nb) -> None:
-    """Translate the Quarto cell options nbdev emits (`#| echo: false`) into myst-nb tags."""
+    """Translate what nbdev leaves for Quarto into MyST: callouts, and cell options (`#| echo: false`) as tags."""
     for cell in nb.cells:
+        if cell.cell_type == "markdown" and "callout-" in cell.source:
+            cell.source = _callouts_to_admonitions(cell.source)
         if cell.cell_type != "code":
             continue
         lines = cell.source.splitlines()

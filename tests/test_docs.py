@@ -71,6 +71,7 @@ def test_site_has_search_and_offline_mathjax(site):
 
 def test_chapter_pages_keep_api_entries_and_local_links(site):
     stderr = (site / "build-stderr.txt").read_text()
+    assert "directive_unknown" not in stderr, [l for l in stderr.splitlines() if "directive" in l]
     assert "show_doc tables left out" not in stderr, [l for l in stderr.splitlines() if "show_doc" in l]
     pages = sorted((site / "chapters").glob("*.html"))
     assert pages, "no chapter page was built"
@@ -78,5 +79,7 @@ def test_chapter_pages_keep_api_entries_and_local_links(site):
         html = page.read_text()
         assert 'class="rubric"' in html, f"{page.name} shows no show_doc entry"
         assert "alignbook.github.io" not in html, f"{page.name} links to the Quarto site instead of api/"
+        assert "callout-" not in html, f"{page.name} shows a Quarto callout that was not rendered"
+        assert re.search(r'class="(admonition warning|warning admonition)"', html), f"{page.name} lost its limitations callout"
     wpo = (site / "chapters" / "11_wpo.html").read_text()
     assert 'href="../api/wpo.html#alignbook.wpo.wpo_weights"' in wpo
