@@ -1,0 +1,314 @@
+"""Oracle tests for alignbook.switchable.
+
+The gated BERT and BART wrappers are compared with the unmodified Hugging Face models, and the skip path with the
+masked form. Further tests cover token skipping, the FLOPs model against FlopCounterMode, decision tables, the
+policy's log-probabilities, the constrained updates, the baselines, and tiny runs of every preset.
+"""
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertModel
+
+from alignbook.reproduce import ReproduceConfig
+from alignbook.switchable import (
+    AgentObjective, SkipAgent, SwitchableClassifier, SwitchableConfig, SwitchableSeq2Seq, all_patterns,
+    decision_table, dynamic_barrier_direction, early_exit_curve, flops_fraction, gather_kept_tokens,
+    load_text_classification, model_flops, pattern_index, reproduce, rouge_l, run_e2e, skip_forward, skip_predict,
+    static_baselines, static_envelope, table_outcomes, train_agent,
+)
+
+
+def _bert(layers=4, seed=0):
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=40, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0)
+    config._attn_implementation = "eager"  # torch 2.13's FlopCounterMode records nothing for the fused CPU SDPA kernel
+    return SwitchableClassifier(BertModel(config, add_pooling_layer=False), num_labels=3).eval()
+
+
+def _bart(seed=0):
+    torch.manual_seed(seed)
+    config = BartConfig(vocab_size=30, d_model=32, encoder_layers=3, decoder_layers=2, encoder_attention_heads=4,
+                        decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                        pad_token_id=0, bos_token_id=1, eos_token_id=3, decoder_start_token_id=1,
+                        forced_eos_token_id=None, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
+    config._attn_implementation = "eager"
+    return BartForConditionalGeneration(config).eval()
+
+
+@pytest.fixture(scope="module")
+def bert_inputs():
+    ids = torch.randint(3, 40, (6, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[2, 7:] = 0
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def bart_inputs():
+    src = torch.randint(4, 30, (4, 7), generator=torch.Generator().manual_seed(0))
+    src[:, 0] = 1
+    src_mask = torch.ones_like(src)
+    src_mask[1, 5:] = 0
+    tgt = torch.randint(4, 30, (4, 5), generator=torch.Generator().manual_seed(1))
+    tgt[:, 0] = 1
+    return src, src_mask, tgt
+
+
+def test_classifier_all_gates_on_equals_hf(bert_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    reference = model.head(model.backbone(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
+    torch.testing.assert_close(model(ids, mask, torch.ones(6, 6)), reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(skip_forward(model, ids, mask, torch.ones(6, 6)), reference, atol=1e-5, rtol=0)
+
+
+def test_classifier_gate_off_equals_removed_ffn(bert_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    removed = copy.deepcopy(model)
+
+    class PassThrough(nn.Module):  # BertOutput(intermediate, h) with the FFN block removed returns h
+        def forward(self, intermediate, h):
+            return h
+    removed.layers[3].output = PassThrough()
+    decisions = torch.ones(6, 6)
+    decisions[:, 5] = 0                                                                  # layer 4 FFN off
+    torch.testing.assert_close(model(ids, mask, decisions), removed(ids, mask), atol=1e-6, rtol=0)
+
+
+def test_token_skip_masked_equals_gathered(bert_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    keep = torch.ones(6, 10)
+    keep[0, 2:6] = 0
+    keep[3, 9] = 0
+    keep[5, 1:] = 0
+    decisions = torch.randint(0, 2, (6, 6), generator=torch.Generator().manual_seed(1)).float()
+    masked = model(ids, mask, decisions, keep)
+    torch.testing.assert_close(skip_forward(model, ids, mask, decisions, keep), masked, atol=1e-5, rtol=0)
+    h1, _ = model.first_layer(ids, mask)
+    noise = torch.randn(h1.shape, generator=torch.Generator().manual_seed(2)) * (1 - keep)[..., None] * 5
+    torch.testing.assert_close(model.forward_rest(h1 + noise, mask, decisions, keep), masked, atol=1e-5, rtol=0)
+
+
+def test_gather_kept_tokens_order_and_mask():
+    h = torch.arange(2 * 5, dtype=torch.float32).view(2, 5, 1)
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    keep = torch.tensor([[1, 0, 1, 1, 1], [1, 1, 0, 0, 0]])
+    gathered, kept_mask = gather_kept_tokens(h, mask, keep)
+    assert gathered.shape == (2, 3, 1)
+    assert gathered[0, :, 0].tolist() == [0.0, 2.0, 3.0]
+    assert gathered[1, :2, 0].tolist() == [5.0, 6.0]
+    assert kept_mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_flops_match_flop_counter_with_tokens():
+    model = _bert()
+    ids = torch.randint(3, 40, (1, 12), generator=torch.Generator().manual_seed(3))
+    keep = torch.ones(1, 12)
+    keep[0, 4:9] = 0
+    for decisions in (torch.ones(1, 6), torch.tensor([[0.0, 1, 1, 0, 1, 1]]), torch.zeros(1, 6)):
+        with FlopCounterMode(display=False) as counter:
+            skip_forward(model, ids, torch.ones_like(ids), decisions, keep)
+        analytic = model_flops(model, torch.tensor([12]), decisions, torch.tensor([7])).item()
+        assert abs(counter.get_total_flops() - analytic) / analytic < 0.05
+
+
+def test_flops_monotone_and_normalised():
+    model = _bert()
+    lengths = torch.tensor([10])
+    full = model_flops(model, lengths)
+    assert flops_fraction(model, lengths, torch.ones(1, 6)).item() == 1.0
+    for j in range(6):
+        decisions = torch.ones(1, 6)
+        decisions[0, j] = 0
+        assert model_flops(model, lengths, decisions) < full
+    assert model_flops(model, lengths, torch.ones(1, 6), torch.tensor([9])) < full
+
+
+def test_decision_table_matches_skip_path(bert_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    table = decision_table(model, ids, mask, labels, batch_size=4)
+    patterns = all_patterns(6)
+    assert pattern_index(patterns).tolist() == list(range(64))
+    for p in (0, 9, 33, 63):
+        decisions = patterns[p].expand(6, -1)
+        torch.testing.assert_close(table["logits"][:, p], skip_forward(model, ids, mask, decisions), atol=1e-5, rtol=0)
+    assert torch.equal(table["delta_table"][:, -1], torch.zeros(6))
+    outcome = table_outcomes(table, torch.ones(6, 6))
+    assert outcome["flops"] == pytest.approx(1.0)
+
+
+def test_static_baselines_and_early_exit_limits(bert_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    table = decision_table(model, ids, mask, torch.tensor([0, 1, 2, 0, 1, 2]))
+    static = static_baselines(table, table)
+    assert [p["pattern"] for p in static["layer_drop"]][0] == 63
+    assert static["layer_drop"][-1]["pattern"] == 0
+    assert len(static["greedy"]) == 7
+    curve = early_exit_curve(model, table, thresholds=(0.0, 1.01))
+    assert curve[0]["flops"] == pytest.approx(float(table["cost_table"][:, 0].mean()))
+    assert curve[1]["accuracy"] == pytest.approx(float(table["correct"][:, -1].mean()))
+    points = [{"flops": 0.25, "accuracy": 0.6}, {"flops": 1.0, "accuracy": 0.9}, {"flops": 0.5, "accuracy": 0.65}]
+    assert static_envelope(points, 0.625) == pytest.approx(0.75)                             # on the 0.25-1.0 chord
+
+
+def test_token_policy_forces_special_and_padding(bert_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    agent = SkipAgent(32, 6, SwitchableConfig(skip_tokens=True))
+    with torch.no_grad():
+        agent.token_head.weight.normal_(generator=torch.Generator().manual_seed(4))
+    h1, _ = model.first_layer(ids, mask)
+    keep, log_prob = agent.sample_tokens(h1, mask, generator=torch.Generator().manual_seed(0))
+    assert torch.all(keep[:, 0] == 1)
+    assert torch.all(keep[2, 7:] == 0)
+    p = 0.8 * torch.sigmoid(agent.token_logits(h1, mask)) + 0.2 * (1 - torch.sigmoid(agent.token_logits(h1, mask)))
+    free = mask.bool().clone()
+    free[:, 0] = False
+    expected = torch.stack([torch.distributions.Bernoulli(probs=p[b][free[b]]).log_prob(keep[b][free[b]]).sum()
+                            for b in range(6)])
+    torch.testing.assert_close(log_prob, expected, atol=1e-5, rtol=0)
+
+
+def test_barrier_guarantee_and_release():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        g_cost, g_quality = torch.randn(5, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+        value = float(torch.randn(1, generator=g))
+        v, lam = dynamic_barrier_direction(g_cost, g_quality, value)
+        assert lam >= 0
+        assert torch.dot(g_quality, v) >= value - 1e-8
+    _, violated = dynamic_barrier_direction(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), 0.3)
+    _, met = dynamic_barrier_direction(torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), -0.3)
+    assert violated > 0
+    assert met == 0.0
+
+
+def test_lagrangian_multiplier_grows_then_stays():
+    objective = AgentObjective(_bert(), SwitchableConfig(method="lagrangian", dual_lr=0.5))
+    objective.constraint_ema = 0.2
+    assert [objective._multiplier(None, None, None) for _ in range(3)] == pytest.approx([0.1, 0.2, 0.3])
+    objective.constraint_ema = -1.0
+    assert objective._multiplier(None, None, None) == 0.0
+
+
+def test_policy_on_table_lowers_cost(bert_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    table = decision_table(model, ids.repeat(8, 1), mask.repeat(8, 1), torch.tensor([0, 1, 2, 0, 1, 2]).repeat(8))
+    cfg = SwitchableConfig(eps=10.0, lr=3e-2, steps=30, batch_size=32)  # a loose constraint, so cost dominates
+    agent, history = train_agent(model, cfg, table=table)
+    assert history[-1]["cost/mean"] < history[0]["cost/mean"]
+    assert sum(p.requires_grad for p in model.parameters()) == 0
+
+
+def test_skip_predict_matches_table(bert_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    table = decision_table(model, ids, mask, torch.zeros(6, dtype=torch.long))
+    agent = SkipAgent(32, 6, SwitchableConfig())
+    with torch.no_grad():
+        agent.net[2].weight.normal_(generator=torch.Generator().manual_seed(5))
+    logits, decisions = skip_predict(model, agent, ids, mask)
+    torch.testing.assert_close(logits, table["logits"][torch.arange(6), pattern_index(decisions)], atol=1e-5, rtol=0)
+
+
+def test_bart_all_on_equals_hf_and_generate(bart_inputs):
+    src, src_mask, tgt = bart_inputs
+    bart = _bart()
+    model = SwitchableSeq2Seq(bart)
+    reference = bart(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt).logits
+    torch.testing.assert_close(model(src, src_mask, tgt, torch.ones(4, 8)), reference, atol=1e-5, rtol=0)
+    hf = bart.generate(input_ids=src, attention_mask=src_mask, max_new_tokens=5, do_sample=False, num_beams=1)
+    assert torch.equal(model.generate(src, src_mask, max_new_tokens=5)[:, : hf.shape[1]], hf)
+
+
+def test_bart_skip_path_and_flops(bart_inputs):
+    src, src_mask, tgt = bart_inputs
+    model = SwitchableSeq2Seq(_bart())
+    decisions = torch.randint(0, 2, (4, 8), generator=torch.Generator().manual_seed(6)).float()
+    keep = torch.ones(4, 7)
+    keep[0, 3:5] = 0
+    torch.testing.assert_close(model.skip_logits(src, src_mask, tgt, decisions, keep),
+                               model(src, src_mask, tgt, decisions, keep), atol=1e-5, rtol=0)
+    row = torch.tensor([[1.0, 1, 0, 1, 0, 1, 1, 0]])
+    with FlopCounterMode(display=False) as counter:
+        model.skip_logits(src[:1], torch.ones_like(src[:1]), tgt[:1], row, keep[:1])
+    analytic = model.flops(torch.tensor([7]), torch.tensor([5]), row, torch.tensor([5])).item()
+    assert abs(counter.get_total_flops() - analytic) / analytic < 0.05
+
+
+def test_rouge_l_values():
+    assert rouge_l("a b c".split(), ["a b c".split()]) == pytest.approx(1.0)
+    assert rouge_l("a x c".split(), ["a b c d".split()]) == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
+    assert rouge_l([], ["a".split()]) == 0.0
+
+
+def test_bad_inputs_raise():
+    with pytest.raises(ValueError, match="budget"):
+        SwitchableConfig(budget=1.5)
+    with pytest.raises(ValueError, match="budget"):
+        SwitchableConfig(budget=0.0)
+    with pytest.raises(ValueError, match="BERT-style"):
+        SwitchableClassifier(nn.Linear(2, 2), 2)
+    with pytest.raises(ValueError, match="BART-style"):
+        SwitchableSeq2Seq(nn.Linear(2, 2))
+    model = _bert()
+    ids = torch.randint(3, 40, (2, 5))
+    with pytest.raises(ValueError, match="decisions has shape"):
+        model(ids, torch.ones_like(ids), torch.ones(2, 5))
+    with pytest.raises(ValueError, match="position 0"):
+        skip_forward(model, ids, torch.ones_like(ids), torch.ones(2, 6), torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="hard 0/1"):
+        skip_forward(model, ids, torch.ones_like(ids), torch.full((2, 6), 0.5))
+    with pytest.raises(ValueError, match="at most 12"):
+        decision_table(_bert(layers=8), ids, torch.ones_like(ids), torch.zeros(2, dtype=torch.long))
+
+
+def test_text_classification_splits_are_disjoint():
+    data = load_text_classification("mr", n_policy=300, n_test=300)
+    assert data["num_labels"] == 2
+    sizes = {name: len(data[name]["labels"]) for name in ("backbone", "policy", "test")}
+    assert sizes["policy"] == 300 and sizes["test"] == 300 and sizes["backbone"] > 1000
+    rows = {name: {tuple(r.tolist()) for r in data[name]["input_ids"]} for name in ("backbone", "test")}
+    assert len(rows["backbone"] & rows["test"]) < 5                                      # only identical encodings
+    assert torch.all(data["test"]["input_ids"][:, 0] == 1)                               # [CLS] first
+
+
+def test_run_e2e_tiny_config():
+    results = run_e2e(backbone_steps=3, agent_steps=2, n_test=4, batch_size=8, max_new_tokens=6, latency_examples=1)
+    assert results["full"]["flops"] == pytest.approx(1.0)
+    assert 0 < results["policy"]["flops"] <= 1
+    assert 0 <= results["policy"]["rouge_l"] <= 1
+    assert results["latency"]["full"] > 0
+
+
+def test_reproduce_real_and_paper_presets_run(tmp_path: Path):
+    real = reproduce(ReproduceConfig("switchable", "real", tmp_path, progress=False,
+                                     options={"backbone_steps": 2, "agent_steps": 2, "n_test": 3}))
+    assert 0 <= real["summary"]["method"] <= 1
+    # A tiny BART saved with the GPT-2 tokenizer from the data directory stands in for a checkpoint name.
+    from alignbook.models import load_tokenizer
+    folder = tmp_path / "tiny-bart"
+    tokenizer = load_tokenizer("gpt2")
+    config = BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=2, decoder_layers=1,
+                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+                        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                        decoder_start_token_id=tokenizer.bos_token_id, forced_eos_token_id=None)
+    BartForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    paper = reproduce(ReproduceConfig("switchable", "paper", tmp_path, progress=False,
+                                      options={"model_name": str(folder), "backbone_steps": 1, "agent_steps": 2,
+                                               "n_test": 2}))
+    assert paper["model_name"] == str(folder)
