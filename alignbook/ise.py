@@ -467,7 +467,7 @@ class BenchmarkSpec:
     min_digits: int = 3
     max_digits: int = 6
     p_adversarial: float = 0.5  # share of attacked conversations in the adversarial variant
-    p_data_words: float = 0.3  # structured turns whose data block also holds instruction-vocabulary words
+    p_data_words: float = 0.3  # share of structured turns whose data also contains instruction words
     max_data_words: int = 2  # at most this many such words per data block
 
 def task_answer(task: str, digits: Sequence[int]) -> int:
@@ -486,10 +486,10 @@ def _answer(words: Sequence[str]) -> list[tuple]:
 def _digits(rng, spec: BenchmarkSpec) -> list[int]:
     return rng.integers(0, 10, rng.integers(spec.min_digits, spec.max_digits + 1)).tolist()
 
-DATA_TEXT_WORDS = TASK_WORDS + ("PRINT", "IGNORE") + PRINT_WORDS[:-1]  # words that may occur as data (no hacked)
+DATA_TEXT_WORDS = TASK_WORDS + ("PRINT", "IGNORE") + PRINT_WORDS[:-1]  # words of data content; `hacked` is left out
 
 def _data_words(rng, spec: BenchmarkSpec, digits: Sequence[int]) -> list[str]:
-    "The digits as words, with up to `max_data_words` instruction-vocabulary words mixed in; never `PRINT w`."
+    "Return the digits as words with up to `max_data_words` instruction words inserted, never forming `PRINT w`."
     words = [str(d) for d in digits]
     if rng.random() >= spec.p_data_words:
         return words

@@ -271,7 +271,7 @@ def test_clean_data_words_are_content_only():
         assert not any(a == "PRINT" and b in PRINT_WORDS for a, b in zip(data, data[1:]))
 
 
-def test_test_prompts_hold_only_digits_and_attack():
+def test_utility_prompt_data_is_digits():
     bench = make_injection_benchmark(n_train=20, n_test=20)
     vocab = {i: w for w, i in WORD_ID.items()}
     for encoding in bench["test"]["utility"][0]:
