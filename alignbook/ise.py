@@ -676,7 +676,7 @@ class ISEConfig:
 
     @classmethod
     def real(cls) -> "ISEConfig":
-        "CPU preset for SmolLM2-135M-Instruct: a short fine-tuning run on real Alpaca-style data (under an hour)."
+        "CPU preset for SmolLM2-135M-Instruct: one short epoch on 1,024 real Alpaca-style rows (hours on one thread)."
         return cls(model="smollm2", n_sft=1_024, sft_epochs=1.0, sft_batch_size=16, sft_micro_batch=4, sft_lr=5e-5,
                    sft_warmup_steps=6, max_length=256, n_eval=64, eval_max_new_tokens=24)
 
