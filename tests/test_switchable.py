@@ -210,6 +210,12 @@ def test_policy_on_table_lowers_cost(bert_inputs):
     agent, history = train_agent(model, cfg, table=table)
     assert history[-1]["cost/mean"] < history[0]["cost/mean"]
     assert sum(p.requires_grad for p in model.parameters()) == 0
+    _, accuracy_history = train_agent(model, SwitchableConfig(quality="accuracy", eps=1.0, lr=3e-2, steps=30, batch_size=32),
+                                      table=table)
+    assert accuracy_history[-1]["cost/mean"] < accuracy_history[0]["cost/mean"]
+    with pytest.raises(NotImplementedError, match="decision table"):
+        train_agent(model, SwitchableConfig(quality="accuracy", steps=1, batch_size=4),
+                    dataset={"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(6, dtype=torch.long)})
 
 
 def test_skip_predict_matches_table(bert_inputs):
@@ -286,7 +292,8 @@ def test_text_classification_splits_are_disjoint():
 
 
 def test_run_e2e_tiny_config():
-    results = run_e2e(backbone_steps=3, agent_steps=2, n_test=4, batch_size=8, max_new_tokens=6, latency_examples=1)
+    results = run_e2e(backbone_steps=3, agent_steps=2, n_test=4, batch_size=8, max_new_tokens=6, latency_examples=1,
+                      n_validation=8)
     assert results["full"]["flops"] == pytest.approx(1.0)
     assert 0 < results["policy"]["flops"] <= 1
     assert 0 <= results["policy"]["rouge_l"] <= 1
@@ -295,7 +302,7 @@ def test_run_e2e_tiny_config():
 
 def test_reproduce_real_and_paper_presets_run(tmp_path: Path):
     real = reproduce(ReproduceConfig("switchable", "real", tmp_path, progress=False,
-                                     options={"backbone_steps": 2, "agent_steps": 2, "n_test": 3}))
+                                     options={"backbone_steps": 2, "agent_steps": 2, "n_test": 3, "n_validation": 8}))
     assert 0 <= real["summary"]["method"] <= 1
     # A tiny BART saved with the GPT-2 tokenizer from the data directory stands in for a checkpoint name.
     from alignbook.models import load_tokenizer
@@ -310,5 +317,5 @@ def test_reproduce_real_and_paper_presets_run(tmp_path: Path):
     tokenizer.save_pretrained(folder)
     paper = reproduce(ReproduceConfig("switchable", "paper", tmp_path, progress=False,
                                       options={"model_name": str(folder), "backbone_steps": 1, "agent_steps": 2,
-                                               "n_test": 2}))
+                                               "n_test": 2, "n_validation": 4}))
     assert paper["model_name"] == str(folder)
