@@ -9,13 +9,14 @@ from alignbook.core import sequence_logps, token_logps
 from alignbook.data import PairCollator
 from alignbook.models import frozen_copy, load_tokenizer, tiny_causal_lm
 from alignbook.preference import dpo_loss, simpo_loss
+from alignbook.reproduce import ReproduceConfig
 from alignbook.train import train
 from alignbook.treg import (
     ControlPairLoss, ControlTabularPolicy, TREGConfig, TREGLoss, align_token_rewards, build_contrastive_prompts,
     compute_token_rewards, control_token_rewards, dpo_reg_loss, encode_prompt, encode_response,
     make_control_pairs, make_control_token_task, reference_sequence_logps, roc_auc, run_control_experiment,
     score_response_tokens, sequence_weight, simpo_reg_loss, summarize_control_runs, token_rewards,
-    treg_regularizer,
+    treg_regularizer, reproduce,
 )
 
 
@@ -283,3 +284,77 @@ def test_control_treg_lowers_bad_rate_more():
     assert dpo["bad_rate"] < dpo["bad_rate_initial"]
     assert treg["bad_rate"] < dpo["bad_rate"]
     assert treg["token_auc"] > dpo["token_auc"]
+
+
+# A chat template in the style of ChatML, so the tiny model takes the chat-template branch like SmolLM2 does.
+_TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                       "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_model_dir(tmp_path_factory):
+    """A saved tiny Llama with the GPT-2 tokenizer and a chat template, loadable like a Hub checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny_chat_lm")
+    tokenizer = load_tokenizer("gpt2")
+    tokenizer.chat_template = _TINY_CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    tiny_causal_lm("llama", hidden_size=16, num_layers=1, num_heads=2).save_pretrained(folder)
+    return folder
+
+
+def test_real_preset_pipeline_on_tiny_model(tiny_chat_model_dir, tmp_path):
+    # The real preset's code path (local AlpacaEval and hh-rlhf pairs, zero-shot study, token-reward cache,
+    # DPO and DPO-REG fine-tune, figures) on a tiny model and a few pairs.
+    options = {"model": str(tiny_chat_model_dir), "n_reward_pairs": 3, "n_train_pairs": 4, "n_eval_pairs": 2,
+               "steps": 2, "eval_every": 2, "log_every": 1, "batch_size": 2, "max_length": 48,
+               "max_prompt_length": 24, "reward_batch_size": 2}
+    config = ReproduceConfig("treg", "real", out_dir=tmp_path, progress=False, options=options)
+    metrics = reproduce(config)
+
+    assert set(metrics["zero_shot"]) == {"alpaca_eval", "hh_rlhf"}
+    for name, zero_shot in metrics["zero_shot"].items():
+        assert zero_shot["n_pairs"] == 3, name
+        assert 0.0 <= zero_shot["accuracy_mean_reward"] <= 1.0, name
+        assert (tmp_path / "treg" / f"treg_token_strips_{name}.png").is_file()
+    assert (tmp_path / "treg" / "treg_finetune.png").is_file()
+    assert set(metrics["histories"]) == {"0.0", "0.5"}
+    for history in metrics["histories"].values():
+        # Both runs start from the reference, where every implicit reward is 0 and ties count half.
+        assert history[0]["step"] == 0
+        assert history[0]["eval/reward_accuracy"] == 0.5
+        assert history[-1]["step"] == 2
+        assert "eval/reward_accuracy" in history[-1]
+    assert metrics["summary"]["baseline"] == metrics["finetune"]["0.0"]["eval/reward_accuracy"]
+    assert metrics["summary"]["method"] == metrics["finetune"]["0.5"]["eval/reward_accuracy"]
+
+    cache_files = list((tmp_path / "treg" / "token_reward_cache").iterdir())
+    assert len(cache_files) == 3  # zero-shot sets and training pairs, since held-out pairs need no rewards
+
+
+def test_real_preset_reward_precision_option():
+    assert TREGConfig.real().reward_precision == "bf16"
+    with pytest.raises(ValueError, match="reward_precision must be one of"):
+        reproduce(ReproduceConfig("treg", "real", options={"reward_precision": "fp8"}))
+
+
+def test_token_reward_batches_keep_input_order(tiny):
+    # Scoring sorts responses by length, so check that every result still belongs to its own input.
+    tokenizer, model = tiny
+    prompts = ["A much longer prompt with many more words in it.", "Hi.", "Medium prompt here."]
+    responses = [" ok", " a longer response than the first one", " mid"]
+    together = compute_token_rewards(model, tokenizer, prompts, responses, batch_size=2, progress=False)
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        alone = compute_token_rewards(model, tokenizer, [prompt], [response], progress=False)
+        assert together.response_ids[i] == alone.response_ids[0]
+        torch.testing.assert_close(together.rewards[i], alone.rewards[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_token_rewards_match_float32(tiny, tmp_path):
+    tokenizer, model = tiny
+    prompts, responses = ["Is 7 prime?", "Say hello."], [" Yes, it is.", " Hello there!"]
+    full = compute_token_rewards(model, tokenizer, prompts, responses, cache_dir=tmp_path, progress=False)
+    half = compute_token_rewards(model, tokenizer, prompts, responses, cache_dir=tmp_path, progress=False,
+                                 autocast_dtype=torch.bfloat16)
+    assert len(list(tmp_path.iterdir())) == 2  # the precision is part of the cache key
+    for a, b in zip(full.rewards, half.rewards):
+        torch.testing.assert_close(a, b, rtol=0, atol=0.02)
