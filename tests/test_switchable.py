@@ -218,6 +218,17 @@ def test_policy_on_table_lowers_cost(bert_inputs):
                     dataset={"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(6, dtype=torch.long)})
 
 
+def test_budget_form_activates_barrier(bert_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    table = decision_table(model, ids.repeat(8, 1), mask.repeat(8, 1), torch.tensor([0, 1, 2, 0, 1, 2]).repeat(8))
+    cfg = SwitchableConfig(constraint="budget", budget=0.3, lr=3e-2, steps=30, batch_size=32)
+    _, history = train_agent(model, cfg, table=table)
+    assert history[0]["constraint/ema"] > 0                                              # cost ~0.9 > budget 0.3
+    assert history[0]["lambda"] > 0
+    assert history[-1]["cost/mean"] < history[0]["cost/mean"]
+
+
 def test_skip_predict_matches_table(bert_inputs):
     ids, mask = bert_inputs
     model = _bert()
@@ -285,7 +296,9 @@ def test_text_classification_splits_are_disjoint():
     data = load_text_classification("mr", n_policy=300, n_test=300)
     assert data["num_labels"] == 2
     sizes = {name: len(data[name]["labels"]) for name in ("backbone", "policy", "test")}
-    assert sizes["policy"] == 300 and sizes["test"] == 300 and sizes["backbone"] > 1000
+    assert sizes["policy"] == 300
+    assert sizes["test"] == 300
+    assert sizes["backbone"] > 1000
     rows = {name: {tuple(r.tolist()) for r in data[name]["input_ids"]} for name in ("backbone", "test")}
     assert len(rows["backbone"] & rows["test"]) < 5                                      # only identical encodings
     assert torch.all(data["test"]["input_ids"][:, 0] == 1)                               # [CLS] first
@@ -304,7 +317,7 @@ def test_reproduce_real_and_paper_presets_run(tmp_path: Path):
     real = reproduce(ReproduceConfig("switchable", "real", tmp_path, progress=False,
                                      options={"backbone_steps": 2, "agent_steps": 2, "n_test": 3, "n_validation": 8}))
     assert 0 <= real["summary"]["method"] <= 1
-    # A tiny BART saved with the GPT-2 tokenizer from the data directory stands in for a checkpoint name.
+    # A tiny BART saved to disk with the GPT-2 tokenizer of the data directory replaces a checkpoint name.
     from alignbook.models import load_tokenizer
     folder = tmp_path / "tiny-bart"
     tokenizer = load_tokenizer("gpt2")
