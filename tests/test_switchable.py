@@ -271,6 +271,18 @@ def test_rouge_l_values():
     assert rouge_l([], ["a".split()]) == 0.0
 
 
+def test_rouge_l_matches_rouge_score():
+    from rouge_score import rouge_scorer
+    scorer = rouge_scorer.RougeScorer(["rougeL"])
+    cases = [("the eagle is a coffee shop near the river", ["the eagle coffee shop is near the river",
+                                                              "a coffee shop called the eagle"]),
+             ("alimentum serves french food", ["the alimentum is a french restaurant"]),
+             ("no overlap here", ["completely different words"])]
+    for candidate, references in cases:
+        expected = scorer.score_multi(references, candidate)["rougeL"].fmeasure
+        assert rouge_l(candidate.split(), [r.split() for r in references]) == pytest.approx(expected)
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="budget"):
         SwitchableConfig(budget=1.5)
