@@ -248,7 +248,9 @@ def load_fewshot(
         relpath = f"classification/16-shot/{task}/16-{seed}/{split}.tsv"
     with _open_text(data_path(relpath, data_dir)) as f:
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        rows = [{"sentence": r["sentence"], "label": int(r["label"])} for r in reader]
+        # The AG News train/dev files name the text column `text`; every other file names it `sentence`.
+        column = "sentence" if "sentence" in (reader.fieldnames or ()) else "text"
+        rows = [{"sentence": r[column], "label": int(r["label"])} for r in reader]
     return Dataset.from_list(rows)
 
 def load_xsum(limit: int | None = None, data_dir: str | Path | None = None) -> Dataset:
