@@ -719,7 +719,7 @@ class RealStudyConfig:
     steps: int = 28  # preference-optimisation steps of each method: one pass over the 112 training pairs
     batch_size: int = 4  # pairs per micro-batch
     grad_accum: int = 1  # micro-batches per step
-    lr: float = 2e-5  # AdamW learning rate, the same for DPO and WPO
+    lr: float = 1e-4  # AdamW learning rate, the same for DPO and WPO
     beta: float = 0.1
     warmup_ratio: float = 0.1  # linear warm-up, then cosine decay (official configs)
     max_grad_norm: float = 1.0  # Hugging Face Trainer default, kept by the official configs
@@ -733,9 +733,12 @@ class RealStudyConfig:
     @classmethod
     def paper(cls) -> "RealStudyConfig":
         "Llama-3-8B-Instruct with the official beta 0.01, lr 1e-6, 128 pairs per step, 2048/1800 tokens; GPUs."
+        # 2,806 training pairs (3,106 minus 300 held out) at 128 pairs per step make 22 steps per epoch, and the
+        # official Llama-3-Instruct config trains 2 epochs. Responses are cut at 2048 - 1800 tokens even after a
+        # shorter prompt, unlike the official max_length, which only caps prompt + response.
         return cls(model="meta-llama/Meta-Llama-3-8B-Instruct", n_alpaca=805, n_hh=2301, n_eval=300,
-                   max_prompt_length=1800, max_response_length=248, n_sample_prompts=300, steps=24, batch_size=2,
-                   grad_accum=64, lr=1e-6, beta=0.01, train_last_layers=None, eval_every=8, n_kl_prompts=128,
+                   max_prompt_length=1800, max_response_length=248, n_sample_prompts=300, steps=44, batch_size=2,
+                   grad_accum=64, lr=1e-6, beta=0.01, train_last_layers=None, eval_every=11, n_kl_prompts=128,
                    dtype="bfloat16", device="cuda")
 
 # %% ../nbs/11_wpo.ipynb #2f73651d
@@ -1072,9 +1075,13 @@ def run_real_study(
     tokenizer, model = load_study_model(config, data_dir)
     collator = study_collator(config, tokenizer)
     train_rows, eval_rows = load_study_pairs(config, tokenizer, data_dir)
+    sample_rows = _sample_prompt_rows(train_rows, config.n_sample_prompts)
+    # load_study_pairs returns the AlpacaEval rows first; a seeded shuffle mixes both sources into every stretch of
+    # training instead of training on one source and then the other
+    order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    train_rows = [train_rows[i] for i in order]
     train_batches = reference_pass(model, train_rows, collator, config.batch_size, alignment, progress)
     eval_batches = reference_pass(model, eval_rows, collator, config.batch_size, alignment, progress)
-    sample_rows = _sample_prompt_rows(train_rows, config.n_sample_prompts)
     sample_own_responses(model, sample_rows, config, tokenizer.eos_token_id, collator.pad_id,
                          torch.Generator().manual_seed(seed), alignment, progress)
     logger.info("Sampled %d own responses; training DPO and WPO", sum(len(r["own_log_w"]) for r in sample_rows))
@@ -1114,9 +1121,9 @@ def plot_real_study(
     samples = study["samples"]
     groups = {}
     for source in ("alpaca", "hh"):
-        groups[f"{source}\\nown samples"] = [w for w, s in zip(samples["own_log_w"], samples["own_sources"]) if s == source]
+        groups[f"{source}\nown samples"] = [w for w, s in zip(samples["own_log_w"], samples["own_sources"]) if s == source]
         for kind in ("chosen", "rejected"):
-            groups[f"{source}\\ndata {kind}"] = [w for w, s in zip(samples[f"log_w_{kind}"], samples["sources"])
+            groups[f"{source}\ndata {kind}"] = [w for w, s in zip(samples[f"log_w_{kind}"], samples["sources"])
                                                 if s == source]
     groups = {k: v for k, v in groups.items() if v}
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2))
@@ -1297,6 +1304,7 @@ def _run_and_report_study(config, experiment: WPOExperimentConfig) -> dict:
     save_figure(config, fig, "wpo_real_study")
     last = {name: study[name]["history"][-1] for name in ("dpo", "wpo")}
     return {"weights": study["weights"], "reference": study["reference"], "sizes": study["sizes"],
+            "weight_samples": study["samples"],
             "trainable_parameters": study["trainable_parameters"],
             **{name: {**study[name]["eval"], "train/weights/mean_last": last[name]["weights/mean"],
                       "train/weights/log_chosen_last": last[name]["weights/log_chosen"],
