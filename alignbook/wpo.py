@@ -22,13 +22,14 @@ logger = get_logger(__name__)
 # %% auto #0
 __all__ = ['logger', 'VOCAB_CHUNK_SIZE', 'WPO_ALIGNMENTS', 'WPO_BASES', 'WEIGHT_QUANTILES', 'log_collision_prob',
            'wpo_token_stats', 'wpo_weights_from_stats', 'wpo_weights', 'pair_weights', 'WPOLoss',
-           'SyntheticPreferenceTask', 'sample_responses', 'make_preference_pairs', 'pair_batch', 'WPOExperimentConfig',
-           'fit_reference', 'weight_diagnostics', 'reward_and_kl', 'run_controlled_comparison', 'hh_experiment_config',
-           'sample_continuation', 'hh_weight_gap', 'run_hh_comparison', 'hh_turns', 'format_prompt', 'RealStudyConfig',
-           'load_study_model', 'load_study_pairs', 'study_collator', 'stack_pairs', 'sample_with_logits',
-           'step_log_weights', 'sampled_kl', 'reference_pass', 'sample_own_responses', 'summarize_log_weights',
-           'weight_gap_report', 'train_last_layers', 'evaluate_study', 'run_real_study', 'plot_real_study',
-           'pair_weight_samples', 'plot_weights_and_frontier', 'wpo_experiment_config', 'reward_at_kl', 'reproduce']
+           'SyntheticPreferenceTask', 'sample_responses', 'make_preference_pairs', 'pair_batch', 'RealStudyConfig',
+           'WPOExperimentConfig', 'fit_reference', 'weight_diagnostics', 'reward_and_kl', 'run_controlled_comparison',
+           'hh_experiment_config', 'sample_continuation', 'hh_weight_gap', 'run_hh_comparison', 'hh_turns',
+           'format_prompt', 'load_study_model', 'load_study_pairs', 'study_collator', 'stack_pairs',
+           'sample_with_logits', 'step_log_weights', 'sampled_kl', 'reference_pass', 'sample_own_responses',
+           'summarize_log_weights', 'weight_gap_report', 'train_last_layers', 'evaluate_study', 'run_real_study',
+           'plot_real_study', 'pair_weight_samples', 'plot_weights_and_frontier', 'wpo_experiment_config',
+           'reward_at_kl', 'reproduce']
 
 # %% ../nbs/11_wpo.ipynb #5c56b6c5
 VOCAB_CHUNK_SIZE = 2048  # columns per chunk, so the temporaries are (rows, 2048) instead of (rows, V)
@@ -420,6 +421,43 @@ def pair_batch(
         batch["reference_logps"] = torch.cat([pairs["reference_logps"][0][index], pairs["reference_logps"][1][index]])
     return batch
 
+# %% ../nbs/11_wpo.ipynb #aa39c50a
+@dataclass
+class RealStudyConfig:
+    "Settings of the pretrained-model study: on- vs off-policy weights, then a short DPO vs WPO fine-tune."
+    model: str = "smollm2"  # "smollm2", a Hub id or folder, or "tiny-llama" / "tiny-gpt2" (random, for tests)
+    n_alpaca: int = 80  # AlpacaEval pairs (one per instruction, ties dropped), held-out ones included
+    n_hh: int = 80  # hh-rlhf harmless-base pairs, held-out ones included
+    n_eval: int = 48  # held-out pairs, half from each source, taken from the end of each source's selection
+    max_prompt_length: int = 64  # prompt tokens kept (the last ones)
+    max_response_length: int = 40  # response tokens kept, for data-set responses and own samples alike
+    n_sample_prompts: int = 64  # prompts (half from each source) for which the model samples its own responses
+    samples_per_prompt: int = 2  # own samples per prompt; two give an on-policy pair weight
+    steps: int = 28  # preference-optimisation steps of each method: one pass over the 112 training pairs
+    batch_size: int = 4  # pairs per micro-batch
+    grad_accum: int = 1  # micro-batches per step
+    lr: float = 1e-4  # AdamW learning rate, the same for DPO and WPO
+    beta: float = 0.1
+    warmup_ratio: float = 0.1  # linear warm-up, then cosine decay (official configs)
+    max_grad_norm: float = 1.0  # Hugging Face Trainer default, kept by the official configs
+    train_last_layers: int | None = 2  # train only the last decoder blocks and the final norm; None trains all
+    eval_every: int | None = None  # held-out evaluation interval in steps; None evaluates after the last step only
+    n_kl_prompts: int = 24  # held-out prompts sampled by each policy for the KL estimate
+    generation_batch_size: int = 16  # sequences sampled at once
+    dtype: str = "float32"  # dtype the model weights are loaded in
+    device: str = "cpu"
+
+    @classmethod
+    def paper(cls) -> "RealStudyConfig":
+        "Llama-3-8B-Instruct with the official beta 0.01, lr 1e-6, 128 pairs per step, 2048/1800 tokens; GPUs."
+        # 2,806 training pairs (3,106 minus 300 held out) at 128 pairs per step make 22 steps per epoch, and the
+        # official Llama-3-Instruct config trains 2 epochs. Responses are cut at 2048 - 1800 tokens even after a
+        # shorter prompt, unlike the official max_length, which only caps prompt + response.
+        return cls(model="meta-llama/Meta-Llama-3-8B-Instruct", n_alpaca=805, n_hh=2301, n_eval=300,
+                   max_prompt_length=1800, max_response_length=248, n_sample_prompts=300, steps=44, batch_size=2,
+                   grad_accum=64, lr=1e-6, beta=0.01, train_last_layers=None, eval_every=11, n_kl_prompts=128,
+                   dtype="bfloat16", device="cuda")
+
 # %% ../nbs/11_wpo.ipynb #94c22129
 @dataclass
 class WPOExperimentConfig:
@@ -703,43 +741,6 @@ def format_prompt(
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     speakers = {"user": "Human", "assistant": "Assistant"}
     return "".join(f"\n\n{speakers[m['role']]}: {m['content']}" for m in messages) + "\n\nAssistant:"
-
-# %% ../nbs/11_wpo.ipynb #aa39c50a
-@dataclass
-class RealStudyConfig:
-    "Settings of the pretrained-model study: on- vs off-policy weights, then a short DPO vs WPO fine-tune."
-    model: str = "smollm2"  # "smollm2", a Hub id or folder, or "tiny-llama" / "tiny-gpt2" (random, for tests)
-    n_alpaca: int = 80  # AlpacaEval pairs (one per instruction, ties dropped), held-out ones included
-    n_hh: int = 80  # hh-rlhf harmless-base pairs, held-out ones included
-    n_eval: int = 48  # held-out pairs, half from each source, taken from the end of each source's selection
-    max_prompt_length: int = 64  # prompt tokens kept (the last ones)
-    max_response_length: int = 40  # response tokens kept, for data-set responses and own samples alike
-    n_sample_prompts: int = 64  # prompts (half from each source) for which the model samples its own responses
-    samples_per_prompt: int = 2  # own samples per prompt; two give an on-policy pair weight
-    steps: int = 28  # preference-optimisation steps of each method: one pass over the 112 training pairs
-    batch_size: int = 4  # pairs per micro-batch
-    grad_accum: int = 1  # micro-batches per step
-    lr: float = 1e-4  # AdamW learning rate, the same for DPO and WPO
-    beta: float = 0.1
-    warmup_ratio: float = 0.1  # linear warm-up, then cosine decay (official configs)
-    max_grad_norm: float = 1.0  # Hugging Face Trainer default, kept by the official configs
-    train_last_layers: int | None = 2  # train only the last decoder blocks and the final norm; None trains all
-    eval_every: int | None = None  # held-out evaluation interval in steps; None evaluates after the last step only
-    n_kl_prompts: int = 24  # held-out prompts sampled by each policy for the KL estimate
-    generation_batch_size: int = 16  # sequences sampled at once
-    dtype: str = "float32"  # dtype the model weights are loaded in
-    device: str = "cpu"
-
-    @classmethod
-    def paper(cls) -> "RealStudyConfig":
-        "Llama-3-8B-Instruct with the official beta 0.01, lr 1e-6, 128 pairs per step, 2048/1800 tokens; GPUs."
-        # 2,806 training pairs (3,106 minus 300 held out) at 128 pairs per step make 22 steps per epoch, and the
-        # official Llama-3-Instruct config trains 2 epochs. Responses are cut at 2048 - 1800 tokens even after a
-        # shorter prompt, unlike the official max_length, which only caps prompt + response.
-        return cls(model="meta-llama/Meta-Llama-3-8B-Instruct", n_alpaca=805, n_hh=2301, n_eval=300,
-                   max_prompt_length=1800, max_response_length=248, n_sample_prompts=300, steps=44, batch_size=2,
-                   grad_accum=64, lr=1e-6, beta=0.01, train_last_layers=None, eval_every=11, n_kl_prompts=128,
-                   dtype="bfloat16", device="cuda")
 
 # %% ../nbs/11_wpo.ipynb #2f73651d
 def load_study_model(
