@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditionModel, UNet2DModel
 from diffusers.models.modeling_utils import ModelMixin
 
 from .core import check_finite, check_shape, get_logger, set_seed
@@ -26,15 +26,16 @@ from .core import check_finite, check_shape, get_logger, set_seed
 logger = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'VPSchedule', 'check_class_conditional', 'predict_eps', 'x0_from_eps', 'class_conditional_unet',
-           'OneStepGenerator', 'sample_timesteps', 'denoising_loss', 'fake_score_loss', 'sid_loss_from_denoised',
-           'sid_generator_loss', 'sample_remaining_labels', 'sample_override_labels', 'SFDConfig', 'SFDModules',
-           'SFDTrainer', 'teacher_loss_fn', 'random_batches', 'EMACallback', 'ddim_sample', 'gaussian_mixture',
-           'mixture_means', 'LabelledEpsMLP', 'DigitClassifier', 'classifier_loss_fn', 'frechet_distance',
-           'forgetting_metrics', 'frechet_per_class', 'ExperimentConfig', 'load_images', 'train_classifier',
-           'train_teacher', 'requested_labels', 'sample_one_step', 'evaluate_images', 'distill', 'run_experiment',
-           'plot_sample_grids', 'plot_forgetting_curves', 'experiment_config', 'reproduce', 'GuidedScore',
-           'replace_concept', 'encode_prompts', 'load_stable_diffusion', 'concept_forgetting_config']
+__all__ = ['logger', 'RESULT_ROWS', 'VPSchedule', 'check_class_conditional', 'predict_eps', 'x0_from_eps',
+           'class_conditional_unet', 'OneStepGenerator', 'sample_timesteps', 'denoising_loss', 'fake_score_loss',
+           'sid_loss_from_denoised', 'sid_generator_loss', 'sample_remaining_labels', 'sample_override_labels',
+           'SFDConfig', 'SFDModules', 'SFDTrainer', 'teacher_loss_fn', 'random_batches', 'EMACallback', 'ddim_sample',
+           'gaussian_mixture', 'mixture_means', 'LabelledEpsMLP', 'DigitClassifier', 'classifier_loss_fn',
+           'frechet_distance', 'forgetting_metrics', 'frechet_per_class', 'ExperimentConfig', 'load_images',
+           'train_classifier', 'build_teacher_unet', 'train_teacher', 'requested_labels', 'sample_one_step',
+           'evaluate_images', 'distill', 'run_experiment', 'plot_sample_grids', 'plot_forgetting_curves',
+           'results_table', 'experiment_config', 'reproduce', 'GuidedScore', 'replace_concept', 'encode_prompts',
+           'load_stable_diffusion', 'decode_latents', 'concept_forgetting_config']
 
 # %% ../nbs/18_sfd.ipynb #b1a14612
 class VPSchedule:
@@ -382,16 +383,16 @@ class SFDConfig:
 
     @classmethod
     def small(cls, **overrides) -> "SFDConfig":
-        "CPU setting for 8x8 digits: 200 iterations at batch 64, learning rates 1e-4, forget weights 1."
+        "CPU setting for 8x8 digits: 120 iterations at batch 32, learning rates 1e-4, forget weights 1."
         settings = dict(lr_fake=1e-4, lr_gen=1e-4, lambda_forget_fake=1.0, lambda_forget_gen=1.0,
-                        batch_size=64, n_iters=200, ema_decay=0.9)
+                        batch_size=32, n_iters=120, ema_decay=0.9)
         return cls(**{**settings, **overrides})
 
     @classmethod
     def real(cls, **overrides) -> "SFDConfig":
-        "CPU setting for 28x28 MNIST: 600 iterations at batch 32, learning rates 1e-4, forget weights 1."
+        "CPU setting for 28x28 MNIST: 100 iterations at batch 16, learning rates 1e-4, forget weights 1."
         settings = dict(lr_fake=1e-4, lr_gen=1e-4, lambda_forget_fake=1.0, lambda_forget_gen=1.0,
-                        batch_size=32, n_iters=600, ema_decay=0.95)
+                        batch_size=16, n_iters=100, ema_decay=0.9)
         return cls(**{**settings, **overrides})
 
 # %% ../nbs/18_sfd.ipynb #69c2c9c4
@@ -414,6 +415,12 @@ def _value_clip_hook(value: float):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_value_(params, value)
     return hook
+
+def _unwrap_unet(net: nn.Module) -> nn.Module:
+    "Return the diffusers UNet inside guidance wrappers such as `GuidedScore` (their `.net`), or `net` itself."
+    while not isinstance(net, ModelMixin) and isinstance(getattr(net, "net", None), nn.Module):
+        net = net.net
+    return net
 
 class SFDModules(nn.Module):
     "The trainable state of SFD in one module (generator, fake score, generator EMA), so one checkpoint holds it all."
@@ -457,8 +464,7 @@ class SFDTrainer:
 
     @staticmethod
     def _unet_sample_shape(net: nn.Module) -> tuple:
-        while not isinstance(net, (UNet2DModel, UNet2DConditionModel)) and isinstance(getattr(net, "net", None), nn.Module):
-            net = net.net  # unwrap guidance wrappers
+        net = _unwrap_unet(net)
         if not isinstance(net, (UNet2DModel, UNet2DConditionModel)):
             raise ValueError("sample_shape is required when the teacher is not a diffusers UNet, e.g. (2,) for 2-D points.")
         size = net.config.sample_size
@@ -686,6 +692,8 @@ def _save_pretrained(
     "Save generator, generator EMA and fake score as diffusers folders, with the scheduler and `sfd_config.json`."
     folder = Path(folder)
     nets = {"generator": self.generator.unet, "generator_ema": self.generator_ema.module.unet, "fake": self.fake}
+    # A guided fake score is saved as its inner UNet, without its guidance scale and unconditional embedding.
+    nets = {name: _unwrap_unet(net) for name, net in nets.items()}
     for name, net in nets.items():
         if not isinstance(net, ModelMixin):
             raise TypeError(f"{name} is a {type(net).__name__}; save_pretrained needs diffusers models "
@@ -922,15 +930,18 @@ class ExperimentConfig:
     block_out_channels: tuple = (32, 64)  # teacher UNet widths per level
     attention_levels: tuple = (False, True)  # self-attention per level
     layers_per_block: int = 1  # ResNet blocks per level
+    norm_num_groups: int = 8  # GroupNorm groups in the teacher, a divisor of every block width
     dropout: float = 0.0  # teacher ResNet dropout
     teacher_steps: int = 1500  # teacher optimizer steps
     teacher_batch_size: int = 128
     teacher_lr: float = 1e-3  # Adam, cosine decay to 0
     teacher_ema: float = 0.995  # EMA decay of the teacher weights; the EMA is the teacher SFD distils
     label_dropout: float = 0.1  # classifier-free label dropout during teacher training
-    classifier_steps: int = 600  # evaluation-classifier optimizer steps (Adam, lr 1e-3, batch 128)
+    classifier_steps: int = 600  # evaluation-classifier optimizer steps (Adam, lr 1e-3)
+    classifier_batch_size: int = 128  # evaluation-classifier batch size
     classifier_holdout: int = 297  # images held out to measure the classifier's accuracy
     ddim_steps: int = 50  # DDIM steps for the teacher baseline
+    teacher_guidance_scale: float = 1.0  # guidance scale of an extra, classifier-free guided teacher DDIM row, or 1 for none
     eval_samples_per_class: int = 200  # generated images per requested class for the final metrics
     curve_samples_per_class: int = 50  # generated images per class at each point of the forgetting curves
     eval_every: int = 50  # iterations between points of the forgetting curves
@@ -939,27 +950,29 @@ class ExperimentConfig:
 
     @classmethod
     def small(cls, **overrides) -> "ExperimentConfig":
-        "8x8 digits on CPU: 0.18 M-parameter teacher (2,000 steps at batch 64), 200 SFD iterations at batch 32."
+        "8x8 digits on CPU: 0.18 M-parameter teacher (2,000 steps at batch 64), 120 SFD iterations at batch 32."
         settings = dict(block_out_channels=(16, 32), teacher_steps=2000, teacher_batch_size=64,
-                        eval_samples_per_class=100, sfd=SFDConfig.small(batch_size=32))
+                        teacher_guidance_scale=1.5, eval_samples_per_class=100, eval_every=40,
+                        sfd=SFDConfig.small())
         return cls(**{**settings, **overrides})
 
     @classmethod
     def real(cls, **overrides) -> "ExperimentConfig":
-        "28x28 MNIST test images on CPU: 0.7 M-parameter teacher, 600 SFD iterations at batch 32."
-        settings = dict(dataset="mnist", teacher_steps=3000, teacher_batch_size=64, classifier_holdout=1000,
-                        eval_samples_per_class=100, eval_every=100, sfd=SFDConfig.real())
+        "28x28 MNIST test images on CPU: 0.69 M-parameter 3-level teacher, 100 SFD iterations at batch 16."
+        settings = dict(dataset="mnist", block_out_channels=(16, 32, 64), attention_levels=(False, False, True),
+                        teacher_steps=800, teacher_batch_size=32, teacher_guidance_scale=1.5,
+                        classifier_steps=300, classifier_batch_size=64, classifier_holdout=1000,
+                        eval_samples_per_class=50, eval_every=50, sfd=SFDConfig.real())
         return cls(**{**settings, **overrides})
 
     @classmethod
     def paper(cls, **overrides) -> "ExperimentConfig":
         "GPU: MNIST padded to 32x32, the official CIFAR-10 teacher architecture and the official SFD settings."
         settings = dict(dataset="mnist", pad_to=32, block_out_channels=(128, 256, 256, 256),
-                        attention_levels=(False, True, False, False), layers_per_block=2, dropout=0.1,
-                        attention_head_dim=None, teacher_steps=200_000, teacher_lr=2e-4, teacher_ema=0.9999,
+                        attention_levels=(False, True, False, False), layers_per_block=2, norm_num_groups=32,
+                        dropout=0.1, teacher_steps=200_000, teacher_lr=2e-4, teacher_ema=0.9999,
                         classifier_holdout=1000, classifier_steps=3000, eval_samples_per_class=1000,
                         eval_every=2500, sfd=SFDConfig.paper())
-        settings.pop("attention_head_dim")
         return cls(**{**settings, **overrides})
 
 # %% ../nbs/18_sfd.ipynb #601a1cb1
@@ -998,12 +1011,24 @@ def train_classifier(
     set_seed(config.seed)
     net = DigitClassifier(images.shape[1]).to(device)
     shared_train(net, classifier_loss_fn(generator=g),
-                 random_batches(images[train_idx].to(device), labels[train_idx].to(device), 128, g),
+                 random_batches(images[train_idx].to(device), labels[train_idx].to(device),
+                                config.classifier_batch_size, g),
                  config.classifier_steps, lr=1e-3, progress=progress, seed=config.seed)
     net.eval()
     with torch.no_grad():
         accuracy = (net(images[test_idx].to(device)).argmax(1).cpu() == labels[test_idx]).float().mean().item()
     return net, accuracy
+
+def build_teacher_unet(
+    config: ExperimentConfig,
+    sample_size: int,  # image height and width after padding
+    in_channels: int,  # image channels
+    num_classes: int,  # real classes; the UNet embeds one more (the null class)
+) -> UNet2DModel:
+    "Build the randomly initialised teacher UNet of an experiment preset."
+    return class_conditional_unet(sample_size, in_channels, num_classes, config.block_out_channels,
+                                  config.attention_levels, config.layers_per_block,
+                                  norm_num_groups=config.norm_num_groups, dropout=config.dropout, seed=config.seed)
 
 def train_teacher(
     images: Tensor, labels: Tensor, config: ExperimentConfig, device: torch.device, progress: bool = False,
@@ -1012,10 +1037,7 @@ def train_teacher(
     from alignbook.train import train as shared_train
     num_classes = int(labels.max()) + 1
     g = torch.Generator().manual_seed(config.seed + 1)
-    unet = class_conditional_unet(images.shape[-1], images.shape[1], num_classes, config.block_out_channels,
-                                  config.attention_levels, config.layers_per_block, dropout=config.dropout,
-                                  norm_num_groups=32 if min(config.block_out_channels) >= 128 else 8,
-                                  seed=config.seed).to(device)
+    unet = build_teacher_unet(config, images.shape[-1], images.shape[1], num_classes).to(device)
     optimizer = torch.optim.Adam(unet.parameters(), lr=config.teacher_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.teacher_steps)
     ema = EMACallback(unet, config.teacher_ema)
@@ -1108,6 +1130,11 @@ def run_experiment(
     init_images = sample_one_step(OneStepGenerator(teacher, VPSchedule(), sfd_cfg.t_init), req, sample_shape,
                                   seed=config.seed + 5)
     results = {"teacher_ddim": evaluate(teacher_images), "one_step_init": evaluate(init_images)}
+    if config.teacher_guidance_scale != 1.0:
+        guided = GuidedScore(teacher, torch.tensor([num_classes], device=device), config.teacher_guidance_scale)
+        results["teacher_ddim_guided"] = evaluate(ddim_sample(guided, req, sample_shape, VPSchedule(),
+                                                              config.ddim_steps,
+                                                              torch.Generator().manual_seed(config.seed + 3)))
     seconds["teacher_eval"], start = clock() - start, clock()
 
     sid_cfg = replace(sfd_cfg, lambda_forget_fake=0.0, lambda_forget_gen=0.0)
@@ -1175,10 +1202,40 @@ def plot_forgetting_curves(
     fig.tight_layout()
     return fig
 
+# %% ../nbs/18_sfd.ipynb #f7bf81fa
+RESULT_ROWS = {"teacher_ddim": "teacher, DDIM", "teacher_ddim_guided": "teacher, DDIM, guided",
+               "one_step_init": "one-step teacher at t_init", "sid": "SiD one-step", "sfd": "SFD one-step"}
+
+def results_table(
+    metrics: dict,  # generator key -> `evaluate_images` output, as returned by `run_experiment`
+    forget_label: int,
+    override_label: int | None,
+    rows: dict[str, str] | None = None,  # metrics key -> row name; RESULT_ROWS when None
+) -> str:  # two markdown tables separated by a blank line
+    "Format per-class accuracy, forget and override fractions, remaining accuracy and Fréchet distances as markdown."
+    rows = {k: v for k, v in (rows or RESULT_ROWS).items() if k in metrics}
+    num_classes = len(next(iter(metrics.values()))["per_class_acc"])
+    classes = " | ".join(str(k) for k in range(num_classes))
+    lines = [f"| generator | {classes} | read as {forget_label} | read as {override_label} | remaining acc. | "
+             f"Fréchet, remaining |", "| --- " * (num_classes + 5) + "|"]
+    fid_lines = [f"| generator | {classes} | G({forget_label}) to real {override_label} |",
+                 "| --- " * (num_classes + 2) + "|"]
+    for key, name in rows.items():
+        m = metrics[key]
+        accs = " | ".join(f"{a:.2f}" for a in m["per_class_acc"])
+        override = m.get("override_rate", float("nan"))
+        lines.append(f"| {name} | {accs} | {m['forget_acc']:.2f} | {override:.2f} | {m['remain_acc']:.3f} | "
+                     f"{m['frechet_remain']:.0f} |")
+        dists = " | ".join(f"{d:.0f}" for d in m["frechet_per_class"])
+        to_override = m.get("frechet_forget_to_override", float("nan"))
+        fid_lines.append(f"| {name} | {dists} | {to_override:.0f} |")
+    return "\n".join(lines) + "\n\n" + "\n".join(fid_lines) + "\n"
+
 # %% ../nbs/18_sfd.ipynb #72b6ea8a
 _SFD_OPTIONS = {"steps": "n_iters", "lambda_forget": None, "forget_label": "forget_label",
                 "override_label": "override_label", "batch_size": "batch_size", "lr": None}
 _EXPERIMENT_OPTIONS = ("teacher_steps", "classifier_steps", "eval_samples_per_class", "eval_every")
+_FLOAT_EXPERIMENT_OPTIONS = ("teacher_guidance_scale",)
 
 def experiment_config(preset: str, options: dict | None = None, seed: int = 0) -> ExperimentConfig:
     "Build the `ExperimentConfig` of a preset with `--set` overrides applied."
@@ -1186,11 +1243,13 @@ def experiment_config(preset: str, options: dict | None = None, seed: int = 0) -
     if preset not in presets:
         raise ValueError(f"Unknown preset {preset!r}; valid presets are {sorted(presets)}.")
     options = dict(options or {})
-    unknown = set(options) - set(_SFD_OPTIONS) - set(_EXPERIMENT_OPTIONS)
+    valid = set(_SFD_OPTIONS) | set(_EXPERIMENT_OPTIONS) | set(_FLOAT_EXPERIMENT_OPTIONS)
+    unknown = set(options) - valid
     if unknown:
-        raise ValueError(f"Unknown options {sorted(unknown)}; valid ones are "
-                         f"{sorted(set(_SFD_OPTIONS) | set(_EXPERIMENT_OPTIONS))}.")
-    config = presets[preset](seed=seed, **{k: int(options.pop(k)) for k in _EXPERIMENT_OPTIONS if k in options})
+        raise ValueError(f"Unknown options {sorted(unknown)}; valid ones are {sorted(valid)}.")
+    experiment = {k: int(options.pop(k)) for k in _EXPERIMENT_OPTIONS if k in options}
+    experiment.update({k: float(options.pop(k)) for k in _FLOAT_EXPERIMENT_OPTIONS if k in options})
+    config = presets[preset](seed=seed, **experiment)
     sfd = {field_name: int(options[key]) for key, field_name in _SFD_OPTIONS.items() if field_name and key in options}
     if "lambda_forget" in options:
         sfd["lambda_forget_fake"] = sfd["lambda_forget_gen"] = float(options["lambda_forget"])
@@ -1200,7 +1259,7 @@ def experiment_config(preset: str, options: dict | None = None, seed: int = 0) -
     return config
 
 def reproduce(config) -> dict:
-    "Run the digit-forgetting experiment for `config.preset`, save the figures and return the metrics."
+    "Run the digit-forgetting experiment for `config.preset`, save the figures and `tables.md`, return the metrics."
     from alignbook.core import default_device
     from alignbook.reproduce import save_figure
     exp = experiment_config(config.preset, config.options, config.seed)
@@ -1213,6 +1272,7 @@ def reproduce(config) -> dict:
               f"SFD (forget weight {sfd_cfg.lambda_forget_gen:g})": result["histories"]["sfd"]}
     save_figure(config, plot_forgetting_curves(curves, sfd_cfg.forget_label, sfd_cfg.override_label, setting),
                 "forgetting_curves")
+    (config.run_dir / "tables.md").write_text(results_table(metrics, sfd_cfg.forget_label, sfd_cfg.override_label))
     curve_keys = ("eval/forget_acc", "eval/override_rate", "eval/remain_acc")
     return {"summary": {"metric": "forget_acc", "baseline": metrics["sid"]["forget_acc"],
                         "method": metrics["sfd"]["forget_acc"]},
@@ -1269,14 +1329,23 @@ def load_stable_diffusion(
     model_id: str,  # a Hub id or local folder with unet/, text_encoder/, tokenizer/ and scheduler/ subfolders
     device: str | torch.device = "cuda",
     dtype: torch.dtype = torch.float32,  # the UNets' dtype; the official runs use fp16 with value clipping
-) -> dict:  # {"unet", "tokenizer", "text_encoder", "schedule"}
+) -> dict:  # {"unet", "vae", "tokenizer", "text_encoder", "schedule"}
     "Load the parts of a Stable Diffusion pipeline that SFD needs (downloads when model_id is a Hub id)."
     from transformers import CLIPTextModel, CLIPTokenizer
     unet = UNet2DConditionModel.from_pretrained(model_id, subfolder="unet", torch_dtype=dtype).to(device)
+    vae = AutoencoderKL.from_pretrained(model_id, subfolder="vae").to(device).eval().requires_grad_(False)
     tokenizer = CLIPTokenizer.from_pretrained(model_id, subfolder="tokenizer")
     text_encoder = CLIPTextModel.from_pretrained(model_id, subfolder="text_encoder").to(device).eval()
     schedule = VPSchedule(scheduler=DDPMScheduler.from_pretrained(model_id, subfolder="scheduler"))
-    return {"unet": unet, "tokenizer": tokenizer, "text_encoder": text_encoder, "schedule": schedule}
+    return {"unet": unet, "vae": vae, "tokenizer": tokenizer, "text_encoder": text_encoder, "schedule": schedule}
+
+@torch.no_grad()
+def decode_latents(
+    vae: AutoencoderKL,  # the pipeline's VAE
+    latents: Tensor,  # (B, 4, h, w) generator samples in the VAE's scaled latent space
+) -> Tensor:  # (B, 3, H, W) images clamped to [-1, 1]
+    "Decode generator latents to images: vae.decode(latents / scaling_factor), clamped to [-1, 1]."
+    return vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.clamp(-1, 1)
 
 def concept_forgetting_config(**overrides) -> SFDConfig:
     "Official SFD settings for Stable Diffusion 1.5 concept forgetting (class fields unused, labels not drawn)."

@@ -1,15 +1,18 @@
-"""Tests for `alignbook.sfd`: the SiD loss identity, the trainer's isolation and SiD limit, and a 2-D forgetting run."""
+"""Tests for `alignbook.sfd`: the SiD loss identity, the trainer's isolation and SiD limit, a 2-D forgetting run,
+and the text-to-image path on a tiny `UNet2DConditionModel`."""
 
 import copy
 
 import pytest
 import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
 from torch import nn
 
 from alignbook.sfd import (
-    OneStepGenerator, SFDConfig, SFDTrainer, VPSchedule, class_conditional_unet, ddim_sample, experiment_config,
-    fake_score_loss, forgetting_metrics, frechet_distance, gaussian_mixture, LabelledEpsMLP, mixture_means,
-    predict_eps, random_batches, sample_override_labels, sid_generator_loss, sid_loss_from_denoised,
+    ExperimentConfig, GuidedScore, LabelledEpsMLP, OneStepGenerator, SFDConfig, SFDTrainer, VPSchedule,
+    build_teacher_unet, class_conditional_unet, concept_forgetting_config, ddim_sample, decode_latents,
+    experiment_config, fake_score_loss, forgetting_metrics, frechet_distance, gaussian_mixture, mixture_means,
+    predict_eps, random_batches, results_table, sample_override_labels, sid_generator_loss, sid_loss_from_denoised,
     teacher_loss_fn,
 )
 from alignbook.train import train as shared_train
@@ -310,3 +313,104 @@ def test_mixture_forget_component_moves_to_override():
     assert (sid_means[0] - means[0]).norm() < 0.3
     for k in (1, 2, 3):
         assert (sfd_means[k] - means[k]).norm() < 0.4
+
+
+def _tiny_text_unet():
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=16, norm_num_groups=8, attention_head_dim=8)
+
+
+def test_text_unet_sfd_step_and_save(tmp_path):
+    torch.manual_seed(0)
+    unet = _tiny_text_unet().eval()
+    empty = torch.randn(1, 5, 16)
+    retain, forget, override = torch.randn(2, 5, 16), torch.randn(2, 5, 16), torch.randn(2, 5, 16)
+    teacher = GuidedScore(unet, empty, guidance_scale=4.5)
+    fake = GuidedScore(copy.deepcopy(unet), empty, guidance_scale=4.5)
+    config = concept_forgetting_config(batch_size=2)
+    trainer = SFDTrainer(teacher, config, fake=fake,
+                         generator=OneStepGenerator(copy.deepcopy(unet), SCHEDULE, config.t_init))
+    assert trainer.sample_shape == (4, 8, 8)
+    teacher_before = {k: v.clone() for k, v in unet.state_dict().items()}
+    generator_before = [p.detach().clone() for p in trainer.generator.parameters()]
+    fake_before = [p.detach().clone() for p in trainer.fake.parameters()]
+
+    metrics = trainer.step(retain, forget_cond=forget, override_cond=override)
+
+    assert set(metrics) == {"fake/remain", "fake/forget", "gen/remain", "gen/forget"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    for key, value in unet.state_dict().items():
+        assert torch.equal(value, teacher_before[key]), key
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.generator.parameters(), generator_before))
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.fake.parameters(), fake_before))
+
+    trainer.save_pretrained(tmp_path)
+    loaded = OneStepGenerator.from_pretrained(tmp_path, "generator")
+    assert isinstance(loaded.unet, UNet2DConditionModel)
+    assert loaded.t_init == 625
+    z = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(z, retain), trainer.generator(z, retain))
+    assert (tmp_path / "fake" / "diffusion_pytorch_model.safetensors").is_file()
+
+
+def test_guided_score_scale_one_is_plain_network():
+    torch.manual_seed(0)
+    unet = _tiny_text_unet().eval()
+    empty, cond = torch.randn(1, 5, 16), torch.randn(3, 5, 16)
+    x, t = torch.randn(3, 4, 8, 8), torch.tensor([20, 400, 900])
+    with torch.no_grad():
+        plain = predict_eps(unet, x, t, cond)
+        uncond = predict_eps(unet, x, t, empty.expand(3, 5, 16))
+        torch.testing.assert_close(GuidedScore(unet, empty, 1.0)(x, t, cond), plain)
+        torch.testing.assert_close(GuidedScore(unet, empty, 4.5)(x, t, cond), uncond + 4.5 * (plain - uncond),
+                                   rtol=1e-4, atol=1e-4)
+
+
+def test_paper_preset_builds():
+    config = ExperimentConfig.paper()
+    assert config.sfd.lr_gen == 1e-5
+    assert config.sfd.lambda_forget_gen == 0.01
+    assert config.sfd.n_iters == 50_000
+    unet = build_teacher_unet(config, sample_size=32, in_channels=1, num_classes=10)
+    n_params = sum(p.numel() for p in unet.parameters())
+    # The DDPM paper's CIFAR-10 UNet, the same layout with 3 channels and no class embedding, has 35.7 M parameters.
+    assert 30e6 < n_params < 40e6, n_params
+    assert unet.config.norm_num_groups == 32
+    with torch.no_grad():
+        eps = predict_eps(unet, torch.randn(1, 1, 32, 32), torch.tensor([440]), torch.tensor([3]))
+    assert eps.shape == (1, 1, 32, 32)
+    text_config = concept_forgetting_config()
+    assert text_config.t_init == 625
+    assert text_config.alpha == 1.0
+    assert text_config.lr_gen == 1e-6
+
+
+def test_decode_latents_shape_and_range():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8).eval()
+    latents = 3 * torch.randn(2, 4, 8, 8)
+    images = decode_latents(vae, latents)
+    assert images.shape == (2, 3, 16, 16)
+    assert images.abs().max() <= 1.0
+    with torch.no_grad():
+        expected = vae.decode(latents / vae.config.scaling_factor).sample.clamp(-1, 1)
+    torch.testing.assert_close(images, expected)
+
+
+def test_results_table_rows_and_columns():
+    metrics = {"sid": {"per_class_acc": [0.99, 0.95], "forget_acc": 0.99, "override_rate": 0.0, "remain_acc": 0.95,
+                       "frechet_remain": 80.4, "frechet_per_class": [38.2, 80.4], "frechet_forget_to_override": 3100.0},
+               "sfd": {"per_class_acc": [0.0, 0.97], "forget_acc": 0.0, "override_rate": 0.96, "remain_acc": 0.97,
+                       "frechet_remain": 95.0, "frechet_per_class": [2900.0, 95.0], "frechet_forget_to_override": 52.0}}
+    accuracy, distances = results_table(metrics, forget_label=0, override_label=1).split("\n\n")
+    accuracy_lines, distance_lines = accuracy.splitlines(), distances.strip().splitlines()
+    assert len(accuracy_lines) == 4
+    assert len(distance_lines) == 4
+    for lines in (accuracy_lines, distance_lines):
+        assert len({line.count("|") for line in lines}) == 1
+    assert accuracy_lines[3] == "| SFD one-step | 0.00 | 0.97 | 0.00 | 0.96 | 0.970 | 95 |"
+    assert distance_lines[2] == "| SiD one-step | 38 | 80 | 3100 |"
