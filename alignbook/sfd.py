@@ -1210,7 +1210,7 @@ def results_table(
     metrics: dict,  # generator key -> `evaluate_images` output, as returned by `run_experiment`
     forget_label: int,
     override_label: int | None,
-    rows: dict[str, str] | None = None,  # metrics key -> row name; RESULT_ROWS when None
+    rows: dict[str, str] | None = None,  # metrics key -> row name, or None for RESULT_ROWS
 ) -> str:  # two markdown tables separated by a blank line
     "Format per-class accuracy, forget and override fractions, remaining accuracy and Fréchet distances as markdown."
     rows = {k: v for k, v in (rows or RESULT_ROWS).items() if k in metrics}
