@@ -155,35 +155,34 @@ def _title_from_frontmatter(nb) -> None:
 def localise_doc_links(site: Path) -> int:
     """Point nbdev's symbol links (written for the Quarto site at `doc_host`) at this site's API pages.
 
-    nbdev turns a backticked name into a link to `<doc_host><doc_baseurl>/<module>.html#<name>`. This site documents
-    the same object at `api/<module>.html#alignbook.<module>.<Name>`, so each link is rewritten to that anchor, or to
-    the module's page when the name has no API entry. Returns the number of links changed.
+    nbdev turns a backticked name into a link to `<doc_host><doc_baseurl>/<page>.html#<name>`, where the page is
+    named after the notebook (`rpsw.html` documents `alignbook.sliced`). The package's `_modidx.py` maps each such
+    link to its dotted name, and this site documents that object at `api/<module>.html#<dotted name>`. Links to
+    names without an API entry go to the module's page. Returns the number of links changed.
     """
-    import configparser
+    from alignbook._modidx import d as index
 
-    settings = configparser.ConfigParser()
-    settings.read(ROOT / "settings.ini")
-    meta = settings["DEFAULT"]
-    base = (meta.get("doc_host", "") + meta.get("doc_baseurl", "")).rstrip("/")
+    base = (index["settings"].get("doc_host", "") + index["settings"].get("doc_baseurl", "")).rstrip("/")
     if not base:
         return 0
+    targets: dict[str, str] = {}  # "rpsw.html#projected_costs" -> "alignbook.sliced.projected_costs"
+    page_module: dict[str, str] = {}  # "rpsw" -> "sliced"
+    for module, symbols in index["syms"].items():
+        for dotted, (link, _) in symbols.items():
+            targets[link] = dotted
+            page_module[link.split(".html")[0]] = module.split(".", 1)[1]
+    api_ids = {page.stem: set(re.findall(r'id="([\w.]+)"', page.read_text())) for page in (site / "api").glob("*.html")}
     pattern = re.compile(re.escape(base) + r"/(\w+)\.html(?:#([\w.]+))?")
-    lib = meta.get("lib_path", "alignbook")
-    # nbdev lower-cases the name in its anchors, so look up API anchors by the lower-cased name.
-    anchors: dict[str, dict[str, str]] = {}  # module -> lower-cased name -> anchor id
-    for api_page in (site / "api").glob("*.html"):
-        ids = re.findall(r'id="(' + re.escape(f"{lib}.{api_page.stem}.") + r'[\w.]+)"', api_page.read_text())
-        anchors[api_page.stem] = {i.split(".", 2)[2].lower(): i for i in ids}
     changed = 0
     for page in site.rglob("*.html"):
         prefix = "../" * (len(page.relative_to(site).parts) - 1)
 
         def local(match: re.Match) -> str:
-            module, name = match.group(1), (match.group(2) or "").lower()
-            if module not in anchors:
+            module = page_module.get(match.group(1))
+            if module not in api_ids:
                 return match.group(0)
-            anchor = anchors[module].get(name)
-            return f"{prefix}api/{module}.html" + (f"#{anchor}" if anchor else "")
+            dotted = targets.get(f"{match.group(1)}.html#{match.group(2)}")
+            return f"{prefix}api/{module}.html" + (f"#{dotted}" if dotted in api_ids[module] else "")
 
         text = page.read_text()
         new, count = pattern.subn(local, text)
