@@ -124,7 +124,8 @@ def token_logps(
     compute_dtype = torch.promote_types(logits.dtype, torch.float32)
     picked = logits.gather(-1, safe_targets.unsqueeze(-1)).squeeze(-1)      # (B, T-1)
     logps = picked.to(compute_dtype) - torch.logsumexp(logits.to(compute_dtype), dim=-1)  # (B, T-1)
-    return logps * mask, mask
+    # `where`, not a product: a NaN logit at a prompt or padding position must not reach the loss (NaN * 0 is NaN).
+    return torch.where(mask, logps, torch.zeros_like(logps)), mask
 
 # %% ../nbs/00_core.ipynb #727ec6b2
 def sequence_logps(

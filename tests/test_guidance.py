@@ -169,6 +169,21 @@ def test_reproduce_rejects_unknown_part(tmp_path):
         reproduce(config)
 
 
+def test_reproduce_rejects_misspelled_option(tmp_path):
+    config = ReproduceConfig("guidance", "small", out_dir=tmp_path, options={"parts": "toy_a", "polciy_steps": 5})
+    with pytest.raises(ValueError, match="polciy_steps"):
+        reproduce(config)
+
+
+def test_reproduce_toy_b_alone_has_summary(tmp_path):
+    options = {"parts": "toy_b", "toy_b_warmup_steps": 2, "toy_b_guidance_steps": 1, "toy_b_refit_steps_count": 1,
+               "toy_b_policy_steps": 2, "toy_b_refit_every": 1, "toy_b_eval_size": 4, "toy_b_lists": 2,
+               "toy_b_batch_size": 4}
+    metrics = reproduce(ReproduceConfig("guidance", "small", out_dir=tmp_path, options=options, progress=False))
+    assert metrics["summary"]["metric"] == "clean ROUGE-L (Toy B)"
+    assert metrics["summary"]["method"] == metrics["toy_b/clean_rouge_l/wmle"]
+
+
 def test_heatmap_matches_loop():
     from alignbook.guidance import HiddenValueTask, guidance_by_token_position
     task = HiddenValueTask(vocab_size=6, length=3)
