@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .core import check_shape, get_logger, sequence_logps, token_logps
+from .core import check_finite, check_shape, get_logger, sequence_logps, token_logps
 
 logger = get_logger(__name__)
 
@@ -41,7 +41,7 @@ def reduce_losses(
     raise ValueError(f"Unknown reduction {reduction!r}; use one of {list(_REDUCTIONS)}.")
 
 def _check_pair_logps(**logps: Tensor) -> int:
-    "Check that every argument is a (B,) tensor with the same B and return B."
+    "Check that every argument is a finite (B,) tensor with the same B and return B."
     first_name, first = next(iter(logps.items()))
     if not isinstance(first, Tensor) or first.dim() != 1:
         shape = tuple(first.shape) if isinstance(first, Tensor) else type(first).__name__
@@ -50,6 +50,7 @@ def _check_pair_logps(**logps: Tensor) -> int:
         raise ValueError(f"{first_name} is empty: a preference batch needs at least one pair.")
     for name, value in logps.items():
         check_shape(name, value, (first.shape[0],))
+        check_finite(name, value)
     return first.shape[0]
 
 def _check_positive(name: str, value: float) -> None:

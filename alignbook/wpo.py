@@ -225,6 +225,10 @@ def _wpo_call(
     n_rows = _check_stacked(self, policy_logits, labels, reference_logps)
     logps_tok, mask = token_logps(policy_logits, labels, self.ignore_index)   # (2B, T-1) each
     logps = sequence_logps(logps_tok, mask)                                  # (2B,)
+    bad_rows = (~torch.isfinite(logps)).nonzero().flatten().tolist()
+    if bad_rows:  # name rows of the stacked batch, which the base loss's per-pair check cannot do
+        raise ValueError(f"logits are not finite at response positions of rows {bad_rows} (NaN, +inf, or -inf at "
+                         "the label); check the model outputs or lower the learning rate.")
     lengths = mask.sum(-1).to(logps.dtype)                                   # (2B,)
     losses = self._base_losses(logps, lengths, reference_logps)              # (B,)
     metrics = {"loss/base": losses.detach().mean().item()}
