@@ -142,7 +142,7 @@ def sequence_logps(
     if empty.any() and not allow_empty:
         rows = empty.nonzero().flatten().tolist()
         raise ValueError(f"Rows {rows} have no response tokens (all masked); check the truncation and the "
-                         "prompt mask, or pass allow_empty=True to score them as 0.")
+                         "prompt mask (sequence_logps also takes allow_empty=True to score such rows as 0).")
     total = (token_logps * mask).sum(-1)                                     # (B,)
     if average:
         return total / counts.clamp(min=1)
