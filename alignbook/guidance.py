@@ -103,6 +103,9 @@ def aggregate(
     if how not in AGGREGATIONS:
         raise ValueError(f"Unknown aggregation {how!r}; valid values are {list(AGGREGATIONS)}.")
     check_shape("mask", mask, tuple(rewards.shape))
+    check_finite("rewards", torch.where(mask.bool(), rewards, torch.zeros_like(rewards)))
+    if how in ("max", "min") and not beta > 0:
+        raise ValueError(f"beta must be > 0 for the soft {how}, got {beta}.")
     mask = mask.to(rewards.dtype)
     lengths = mask.sum(-1)                                                      # (B, K)
     if (lengths == 0).any():
@@ -129,7 +132,8 @@ def listmle_loss(
         raise ValueError(f"scores must have shape (B, K) with K >= 2 candidates, got {tuple(scores.shape)}.")
     check_shape("targets", targets, tuple(scores.shape))
     check_finite("targets", targets)
-    if temperature <= 0:
+    check_finite("scores", scores)
+    if not temperature > 0:
         raise ValueError(f"temperature must be positive, got {temperature}.")
     shuffle = torch.stack([torch.randperm(scores.shape[1], generator=generator) for _ in range(scores.shape[0])])
     shuffle = shuffle.to(scores.device)
@@ -159,8 +163,11 @@ def reinforce_loss(
     check_shape("actions", actions, tuple(logits.shape[:2]))
     check_shape("weights", weights, tuple(actions.shape))
     check_finite("weights", weights)
-    if entropy_coef < 0:
+    if not entropy_coef >= 0:
         raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef}.")
+    if ((actions < 0) | (actions >= logits.shape[-1])).any():
+        raise ValueError(f"actions must be token ids in [0, {logits.shape[-1]}), got values from {actions.min().item()} "
+                         f"to {actions.max().item()}; check the tokenizer against the policy's vocabulary.")
     mask = torch.ones_like(weights) if mask is None else mask.to(weights.dtype)
     log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # (N, T, V)
     nll = -log_probs.gather(-1, actions.unsqueeze(-1)).squeeze(-1)                  # (N, T)
@@ -191,12 +198,21 @@ def wmle_weights(
     if (mask.sum(-1) == 0).any():
         raise ValueError("A sequence has no unmasked reference tokens; drop it before weighting.")
     r = rewards.detach()
+    check_finite("rewards", torch.where(mask.bool(), r, torch.zeros_like(r)))
+    if not exp_weights and (r * mask < 0).any():
+        raise ValueError("rewards must be >= 0 on reference tokens to act as weights (a softplus or sigmoid guidance "
+                         "head gives that); pass exp_weights=True for signed rewards.")
     if exp_weights:
         r = (r - r.masked_fill(mask == 0, float("-inf")).max(-1, keepdim=True).values).exp()
     r = r * mask
     if use_reward_to_go:
         r = reward_to_go(r, mask)
-    return r / r.sum(-1, keepdim=True)
+    totals = r.sum(-1, keepdim=True)                                               # (B, 1)
+    if (totals == 0).any():
+        rows = (totals[:, 0] == 0).nonzero().flatten().tolist()
+        raise ValueError(f"Rows {rows} have zero total reward, so their token weights are undefined; use exp_weights=True "
+                         "or a guidance head with positive outputs.")
+    return r / totals
 
 def wmle_loss(
     logits: Tensor,  # (B, T, V) logits aligned with `labels` (position t predicts labels[:, t])
