@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import check_shape, get_logger, sequence_logps, set_seed, token_logps
+from .core import check_finite, check_shape, get_logger, sequence_logps, set_seed, token_logps
 from .data import PairCollator
 from .preference import dpo_loss, preference_metrics, reduce_losses, simpo_loss, split_pairs
 from .reproduce import ReproduceConfig, save_figure
@@ -383,6 +383,9 @@ def _check_token_inputs(prefix: str, token_logps: Tensor, rewards: Tensor, mask:
         raise ValueError(f"policy_{prefix}_token_logps must have shape {want}, got {tuple(token_logps.shape)}.")
     check_shape(f"{prefix}_token_rewards", rewards, tuple(token_logps.shape))
     check_shape(f"{prefix}_mask", mask, tuple(token_logps.shape))
+    on_response = mask.bool()  # values off the response are ignored, so only response tokens must be finite
+    check_finite(f"{prefix}_token_rewards", torch.where(on_response, rewards, torch.zeros_like(rewards)))
+    check_finite(f"policy_{prefix}_token_logps", torch.where(on_response, token_logps, torch.zeros_like(token_logps)))
 
 def _check_pair_token_inputs(policy_chosen, policy_rejected, rewards_chosen, rewards_rejected, mask_chosen,
                              mask_rejected) -> None:
