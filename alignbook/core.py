@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 
 # %% auto #0
 __all__ = ['set_seed', 'get_logger', 'default_device', 'resolve_dtype', 'check_shape', 'check_finite', 'token_logps',
-           'sequence_logps']
+           'sequence_logps', 'lcs_length']
 
 # %% ../nbs/00_core.ipynb #3ac65b66
 def set_seed(
@@ -147,3 +148,17 @@ def sequence_logps(
     if average:
         return total / counts.clamp(min=1)
     return total
+
+# %% ../nbs/00_core.ipynb #85400bce
+def lcs_length(
+    a: Sequence,  # first token sequence
+    b: Sequence,  # second token sequence; tokens compare with ==
+) -> int:  # length of the longest common subsequence
+    "Return the length of the longest common (not necessarily contiguous) subsequence of `a` and `b`."
+    previous = [0] * (len(b) + 1)
+    for token in a:
+        current = [0]
+        for j, other in enumerate(b):
+            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
+        previous = current
+    return previous[-1]

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .core import get_logger
+from .core import get_logger, lcs_length
 
 logger = get_logger(__name__)
 
@@ -410,13 +410,7 @@ def lcs_recall(
     a, b = tokenize(secret), tokenize(response)
     if not a:
         raise ValueError("secret has no tokens; the recall of an empty secret is undefined.")
-    previous = [0] * (len(b) + 1)
-    for token in a:
-        current = [0]
-        for j, other in enumerate(b):
-            current.append(previous[j] + 1 if token == other else max(previous[j + 1], current[j]))
-        previous = current
-    return previous[-1] / len(a)
+    return lcs_length(a, b) / len(a)
 
 def extraction_success(
     response: str,

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from fastcore.basics import patch
 from torch import Tensor, nn
 
-from .core import check_shape, get_logger, set_seed
+from .core import check_shape, get_logger, lcs_length, set_seed
 
 logger = get_logger(__name__)
 
@@ -1225,13 +1225,7 @@ def rouge_l(candidate: list[str], references: list[list[str]]) -> float:
     "ROUGE-L F1 (LCS-based) of a token list against its best-matching reference."
     best = 0.0
     for reference in references:
-        previous = [0] * (len(reference) + 1)
-        for word in candidate:
-            current = [0]
-            for j, ref_word in enumerate(reference):
-                current.append(previous[j] + 1 if word == ref_word else max(previous[j + 1], current[j]))
-            previous = current
-        lcs = previous[-1]
+        lcs = lcs_length(candidate, reference)
         if lcs:
             precision, recall = lcs / len(candidate), lcs / len(reference)
             best = max(best, 2 * precision * recall / (precision + recall))
