@@ -1081,8 +1081,8 @@ def run_real_study(
     collator = study_collator(config, tokenizer)
     train_rows, eval_rows = load_study_pairs(config, tokenizer, data_dir)
     sample_rows = _sample_prompt_rows(train_rows, config.n_sample_prompts)
-    # load_study_pairs returns the AlpacaEval rows first; a seeded shuffle mixes both sources into every stretch of
-    # training instead of training on one source and then the other
+    # load_study_pairs returns the AlpacaEval rows first. A seeded shuffle mixes both sources into every stretch of
+    # training, so the model never trains on one source and then the other.
     order = torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(seed)).tolist()
     train_rows = [train_rows[i] for i in order]
     train_batches = reference_pass(model, train_rows, collator, config.batch_size, alignment, progress)
