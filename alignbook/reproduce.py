@@ -153,22 +153,36 @@ def _format_value(value) -> str:
         return f"{value:.4g}"
     return str(value)
 
+def _summary_row(result: ChapterResult, preset: str) -> dict:
+    return {"chapter": result.chapter, "preset": preset, "status": result.status, "seconds": result.seconds,
+            "summary": result.summary, "error": result.error}
+
 def write_summary(
     results: list[ChapterResult],
     out_dir: Path,
     preset: str,
 ) -> Path:  # path of `out_dir / "summary.md"`
-    "Write one Markdown table row per chapter: status, key metric, baseline, method and runtime."
-    lines = [f"# alignbook reproductions ({preset} preset)", "",
-             "| chapter | status | metric | baseline | method | runtime (s) |", "|---|---|---|---|---|---|"]
-    for r in results:
-        s = r.summary
-        lines.append(f"| {r.chapter} | {r.status} | {s.get('metric', '–')} | {_format_value(s.get('baseline'))} | "
-                     f"{_format_value(s.get('method'))} | {r.seconds:.1f} |")
-    failed = [r for r in results if r.status == "failed"]
-    for r in failed:
-        lines += ["", f"## {r.chapter} failed", "", "```", r.error.strip(), "```"]
-    path = Path(out_dir) / "summary.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    "Add the results to `out_dir/summary.json` and write its rows as a Markdown table, one per chapter and preset."
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    store = out_dir / "summary.json"
+    rows = json.loads(store.read_text()) if store.exists() else []
+    new = {(r.chapter, preset): _summary_row(r, preset) for r in results}
+    rows = [row for row in rows if (row["chapter"], row["preset"]) not in new] + list(new.values())
+    order = {name: i for i, name in enumerate(CHAPTERS)}
+    presets = {name: i for i, name in enumerate(PRESETS)}
+    rows.sort(key=lambda row: (order.get(row["chapter"], len(order)), presets.get(row["preset"], len(presets))))
+    store.write_text(json.dumps(rows, indent=2) + "\n")
+    lines = ["# alignbook reproductions", "",
+             "| chapter | preset | status | metric | baseline | method | runtime (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        s = row["summary"]
+        lines.append(f"| {row['chapter']} | {row['preset']} | {row['status']} | {s.get('metric', '–')} | "
+                     f"{_format_value(s.get('baseline'))} | {_format_value(s.get('method'))} | {row['seconds']:.1f} |")
+    for row in rows:
+        if row["status"] == "failed":
+            lines += ["", f"## {row['chapter']} ({row['preset']}) failed", "", "```", row["error"].strip(), "```"]
+    path = out_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
