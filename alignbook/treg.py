@@ -1211,6 +1211,8 @@ def _config_for(preset: str, options: dict) -> TREGConfig:
             value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
         setattr(config, key, value)
     _check_beta_alpha(config.beta, config.alpha)
+    _check_template("better_template", config.better_template)
+    _check_template("worse_template", config.worse_template)
     if config.reward_precision not in _REWARD_AUTOCAST:
         raise ValueError(f"reward_precision must be one of {list(_REWARD_AUTOCAST)}, got {config.reward_precision!r}. "
                          "Pass --set reward_precision=no for float32 token rewards.")

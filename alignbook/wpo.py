@@ -1221,7 +1221,23 @@ def wpo_experiment_config(preset: str, options: dict | None = None) -> WPOExperi
                              f"{sorted(config.__dataclass_fields__)} and real_study.<field> for the fields "
                              f"{sorted(RealStudyConfig.__dataclass_fields__)}.")
         setattr(target, name, _parse_option(getattr(target, name), value))
+    _check_experiment(config)
     return config
+
+def _check_experiment(config: WPOExperimentConfig) -> None:
+    "Reject settings that would fail or mislead only after training has started."
+    for name in ("beta", "hh_beta", "lr", "sft_lr"):
+        if not getattr(config, name) > 0:
+            raise ValueError(f"{name} must be > 0, got {getattr(config, name)}; pass --set {name}=<positive number>.")
+    for name in ("seeds", "steps", "batch_size", "sft_steps", "eval_every", "n_pairs", "hh_steps", "hh_n_train"):
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}.")
+    if any(not 0 <= f <= 1 for f in config.frac_off):
+        raise ValueError(f"frac_off values are fractions of off-policy pairs in [0, 1], got {config.frac_off}.")
+    if config.alignment not in ("sampled", "greedy", "none"):
+        raise ValueError(f"alignment must be 'sampled', 'greedy' or 'none', got {config.alignment!r}.")
+    if config.clamp_max is not None and not config.clamp_max > 0:
+        raise ValueError(f"clamp_max must be > 0 or none, got {config.clamp_max}.")
 
 def reward_at_kl(
     initial: dict,  # step-0 metrics with `eval/reward` (KL 0)
@@ -1250,6 +1266,8 @@ def _summarise_run(run: dict) -> dict:
                                                                                   last["wpo"]["eval/kl"]))
                for name in ("dpo", "wpo")},
             **{f"{name}_{key}": last[name][f"eval/{key}"] for name in ("dpo", "wpo") for key in ("reward", "kl")}}
+
+
 
 # %% ../nbs/11_wpo.ipynb #d2cc060c
 def reproduce(config) -> dict:
