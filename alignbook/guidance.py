@@ -533,13 +533,15 @@ def run_toy_a(cfg: GuidanceConfig, seeds: tuple[int, ...] = (0, 1), progress: bo
 
 # %% ../nbs/13_guidance.ipynb #31813bb7
 def plot_value_vs_calls(results: dict, title: str = ""):
-    "True evaluator value against evaluator calls, one line per seed; baseline C0, guidance C1."
+    "True evaluator value against evaluator calls: baseline C0, guidance C1, one labelled line style per seed."
     import matplotlib.pyplot as plt
+    styles = ["-", "--", ":", "-."]
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, color, label in (("sequence", "C0", "sequence-level REINFORCE"), ("guidance", "C1", "token guidance")):
         for i, record in enumerate(results[method]):
             _, calls, value = zip(*record["curve"])
-            ax.plot(calls, value, color=color, alpha=0.8, label=label if i == 0 else None)
+            ax.plot(calls, value, color=color, linestyle=styles[i % len(styles)], alpha=0.8,
+                    label=f"{label}, seed {record['seed']}")
     ax.set_xscale("log")
     ax.set_xlabel("evaluator calls (sequences scored)")
     ax.set_ylabel("true evaluator value R (mean over samples)")
