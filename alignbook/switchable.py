@@ -24,14 +24,14 @@ logger = get_logger(__name__)
 # %% auto #0
 __all__ = ['logger', 'MAX_TABLE_DECISIONS', 'EASY', 'HARD', 'PAD_ID', 'CLS_ID', 'UNK_ID', 'TEXT_SWEEP', 'TOY_SWEEP', 'S2S_PAD',
            'S2S_BOS', 'S2S_UNK', 'S2S_EOS', 'SwitchableClassifier', 'skip_forward', 'sublayer_flops', 'model_flops',
-           'flops_fraction', 'all_patterns', 'pattern_index', 'decision_table', 'gather_kept_tokens',
-           'SwitchableConfig', 'SkipAgent', 'score_function_surrogate', 'dynamic_barrier_direction', 'AgentObjective',
-           'pointer_lookup_batch', 'toy_model', 'train_backbone', 'train_agent', 'word_tokenize', 'build_word_vocab',
-           'encode_texts', 'load_text_classification', 'text_model', 'table_outcomes', 'static_baselines',
-           'early_exit_curve', 'static_envelope', 'skip_predict', 'agent_flops', 'latency_per_example',
-           'evaluate_policies', 'run_text_classification', 'plot_tradeoff', 'best_policy', 'plot_adaptivity', 'run_toy',
-           'SwitchableSeq2Seq', 'WordSeq2SeqTokenizer', 'rouge_l', 'load_e2e_seq2seq', 'e2e_model',
-           'pretrained_seq2seq', 'evaluate_generation', 'seq2seq_layer_drop', 'run_e2e', 'reproduce']
+           'flops_fraction', 'all_patterns', 'pattern_index', 'decision_table', 'kept_token_order',
+           'gather_kept_tokens', 'SwitchableConfig', 'SkipAgent', 'score_function_surrogate',
+           'dynamic_barrier_direction', 'AgentObjective', 'pointer_lookup_batch', 'toy_model', 'train_backbone',
+           'train_agent', 'word_tokenize', 'build_word_vocab', 'encode_texts', 'load_text_classification', 'text_model',
+           'table_outcomes', 'static_baselines', 'early_exit_curve', 'static_envelope', 'skip_predict', 'agent_flops',
+           'latency_per_example', 'evaluate_policies', 'run_text_classification', 'plot_tradeoff', 'best_policy',
+           'plot_adaptivity', 'run_toy', 'SwitchableSeq2Seq', 'WordSeq2SeqTokenizer', 'rouge_l', 'load_e2e_seq2seq',
+           'e2e_model', 'pretrained_seq2seq', 'evaluate_generation', 'seq2seq_layer_drop', 'run_e2e', 'reproduce']
 
 # %% ../nbs/16_switchable.ipynb #8d065f6f
 def _encoder_layers(backbone: nn.Module):
@@ -158,10 +158,13 @@ def sublayer_flops(
     n: Tensor | int,  # tokens per instance
     d_model: int,
     ffn_dim: int,
+    inner_dim: int | None = None,  # width of the attention projections (T5: heads x d_kv); None = d_model
+    ffn_matrices: int = 2,  # weight matrices of the FFN: 2, or 3 for a gated FFN (T5 v1.1)
 ) -> tuple[Tensor, Tensor]:  # attention FLOPs, FFN FLOPs (float64)
-    "FLOPs of one attention sub-layer, 2(4 n D^2 + 2 n^2 D), and one FFN sub-layer, 4 n D F."
+    "FLOPs of one attention sub-layer, 2(4 n D I + 2 n^2 I) with I = D by default, and one FFN sub-layer, 4 n D F."
     n = torch.as_tensor(n, dtype=torch.float64)
-    return 2 * (4 * n * d_model**2 + 2 * n**2 * d_model), 4 * n * d_model * ffn_dim
+    inner = d_model if inner_dim is None else inner_dim
+    return 2 * (4 * n * d_model * inner + 2 * n**2 * inner), 2 * ffn_matrices * n * d_model * ffn_dim
 
 def model_flops(
     model: SwitchableClassifier,
@@ -243,20 +246,28 @@ def decision_table(
             "correct": correct, "accuracy_drop_table": correct[:, -1:] - correct, "cost_table": cost}
 
 # %% ../nbs/16_switchable.ipynb #9e668532
+def kept_token_order(
+    attention_mask: Tensor,  # (B, n) 1 on real tokens
+    token_keep: Tensor,  # (B, n) hard {0, 1}; position 0 must be kept
+) -> Tensor:  # (B, n') long: original positions, kept tokens first in their order, cut to the longest kept row
+    "Original positions of each row's kept tokens, in order; rows with fewer kept tokens end in skipped positions."
+    check_shape("token_keep", token_keep, tuple(attention_mask.shape))
+    if not torch.all((token_keep == 0) | (token_keep == 1)):
+        raise ValueError("token_keep must be hard 0/1 decisions; threshold the token probabilities first.")
+    if not torch.all(token_keep[:, 0] == 1):
+        raise ValueError("token_keep must keep position 0 ([CLS] or the first source token), which is always kept.")
+    keep = token_keep.bool() & attention_mask.bool()
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices             # kept positions first
+    return order[:, : int(keep.sum(1).max())]
+
 def gather_kept_tokens(
     h: Tensor,  # (B, n, D) hidden states after layer 1
     attention_mask: Tensor,  # (B, n) 1 on real tokens
     token_keep: Tensor,  # (B, n) hard {0, 1}; position 0 must be kept
 ) -> tuple[Tensor, Tensor]:  # (B, n', D) kept states first in original order, (B, n') new attention mask
     "Move each row's kept tokens to the front (order preserved) and cut to the longest kept row."
-    check_shape("token_keep", token_keep, tuple(attention_mask.shape))
-    if not torch.all((token_keep == 0) | (token_keep == 1)):
-        raise ValueError("token_keep must be hard 0/1 decisions; threshold the token probabilities first.")
-    if not torch.all(token_keep[:, 0] == 1):
-        raise ValueError("token_keep must keep position 0 ([CLS]), which the classifier reads.")
+    order = kept_token_order(attention_mask, token_keep)                                 # (B, n')
     keep = token_keep.bool() & attention_mask.bool()
-    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices             # kept positions first
-    order = order[:, : int(keep.sum(1).max())]                                           # (B, n')
     gathered = h.gather(1, order[..., None].expand(-1, -1, h.shape[-1]))                 # (B, n', D)
     return gathered, keep.gather(1, order).long()
 
@@ -932,17 +943,33 @@ def run_toy(
 _BART_ENCODER_CHILDREN = ("self_attn", "self_attn_layer_norm", "fc1", "fc2", "final_layer_norm")
 _BART_DECODER_CHILDREN = _BART_ENCODER_CHILDREN + ("encoder_attn", "encoder_attn_layer_norm")
 
-def _seq2seq_stacks(model: nn.Module):
+def _is_t5_block(block, decoder: bool) -> bool:
+    sublayers = getattr(block, "layer", None)
+    if sublayers is None or len(sublayers) != (3 if decoder else 2):
+        return False
+    return hasattr(sublayers[0], "SelfAttention") and hasattr(sublayers[-1], "DenseReluDense") \
+        and (not decoder or hasattr(sublayers[1], "EncDecAttention"))
+
+def _seq2seq_stacks(model: nn.Module) -> tuple[str, nn.Module, nn.Module]:
+    "The architecture ('bart' or 't5') and the encoder and decoder stacks of a Hugging Face seq2seq model."
     inner = getattr(model, "model", None)
     encoder, decoder = getattr(inner, "encoder", None), getattr(inner, "decoder", None)
     enc_layers, dec_layers = getattr(encoder, "layers", None), getattr(decoder, "layers", None)
-    if enc_layers is None or dec_layers is None or len(enc_layers) < 2 or len(dec_layers) < 1 \
-            or not all(hasattr(l, c) for l in enc_layers for c in _BART_ENCODER_CHILDREN) \
-            or not all(hasattr(l, c) for l in dec_layers for c in _BART_DECODER_CHILDREN):
-        raise ValueError(f"{type(model).__name__} does not have BART-style encoder and decoder layers "
-                         "(model.encoder.layers with self_attn, fc1, fc2 and their LayerNorms, at least 2 of them, and "
-                         "decoder layers that add encoder_attn); use BartForConditionalGeneration. T5 is not supported.")
-    return encoder, decoder
+    if enc_layers is not None and dec_layers is not None and len(enc_layers) >= 2 and len(dec_layers) >= 1 \
+            and all(hasattr(l, c) for l in enc_layers for c in _BART_ENCODER_CHILDREN) \
+            and all(hasattr(l, c) for l in dec_layers for c in _BART_DECODER_CHILDREN):
+        return "bart", encoder, decoder
+    encoder, decoder = getattr(model, "encoder", None), getattr(model, "decoder", None)
+    enc_blocks, dec_blocks = getattr(encoder, "block", None), getattr(decoder, "block", None)
+    if enc_blocks is not None and dec_blocks is not None and len(enc_blocks) >= 2 and len(dec_blocks) >= 1 \
+            and all(_is_t5_block(b, False) for b in enc_blocks) and all(_is_t5_block(b, True) for b in dec_blocks) \
+            and hasattr(model, "lm_head"):
+        return "t5", encoder, decoder
+    raise ValueError(f"{type(model).__name__} has neither BART-style nor T5-style encoder and decoder layers. "
+                     "BART-style means model.encoder.layers with self_attn, fc1, fc2 and their LayerNorms, and decoder "
+                     "layers that add encoder_attn. T5-style means encoder.block[i].layer = [self-attention, FFN] and "
+                     "decoder blocks [self-attention, cross-attention, FFN]. Both need at least 2 encoder layers. Use "
+                     "BartForConditionalGeneration or T5ForConditionalGeneration.")
 
 def _gate(h: Tensor, gate, sublayer) -> Tensor:
     "gate True: run the sub-layer; False: identity, not computed; a (B, 1, 1) tensor: masked training form."
@@ -960,12 +987,20 @@ def _ffn(layer, h: Tensor) -> Tensor:
     return _post_ln(layer, layer.final_layer_norm, h, layer.fc2(inner))
 
 class SwitchableSeq2Seq(nn.Module):
-    "A BART-style encoder-decoder with per-instance gates on encoder layers 2..N_e, decoder layers 1..N_d and tokens."
+    "A BART- or T5-style encoder-decoder with per-instance gates on encoder layers 2..N_e, decoder layers 1..N_d and tokens."
     def __init__(self,
-                 model: nn.Module):  # e.g. transformers.BartForConditionalGeneration; encoder layer 1 always runs
+                 model: nn.Module):  # BartForConditionalGeneration or T5ForConditionalGeneration; encoder layer 1 always runs
         super().__init__()
         self.model = model
-        self.encoder, self.decoder = _seq2seq_stacks(model)
+        self.arch, self.encoder, self.decoder = _seq2seq_stacks(model)
+
+    @property
+    def encoder_layers(self) -> nn.ModuleList:
+        return self.encoder.block if self.arch == "t5" else self.encoder.layers
+
+    @property
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.decoder.block if self.arch == "t5" else self.decoder.layers
 
     @property
     def hidden_size(self) -> int:
@@ -973,25 +1008,58 @@ class SwitchableSeq2Seq(nn.Module):
 
     @property
     def num_encoder_decisions(self) -> int:
-        return 2 * (len(self.encoder.layers) - 1)
+        return 2 * (len(self.encoder_layers) - 1)
 
     @property
     def num_decisions(self) -> int:
         "J = 2 (N_e - 1) + 2 N_d: [self-attention, FFN] per gated encoder and decoder layer."
-        return self.num_encoder_decisions + 2 * len(self.decoder.layers)
+        return self.num_encoder_decisions + 2 * len(self.decoder_layers)
 
 # %% ../nbs/16_switchable.ipynb #e770cbba
+@patch
+def _self_attention(self: SwitchableSeq2Seq, layer, mask, position_bias=None):
+    if self.arch == "t5":
+        return lambda x: layer.layer[0](x, attention_mask=mask, position_bias=position_bias)[0]
+    return lambda x: _post_ln(layer, layer.self_attn_layer_norm, x, layer.self_attn(x, attention_mask=mask)[0])
+
+@patch
+def _cross_attention(self: SwitchableSeq2Seq, layer, encoder_states: Tensor, mask):
+    if self.arch == "t5":
+        return lambda x: layer.layer[1](x, key_value_states=encoder_states, attention_mask=mask)[0]
+    return lambda x: _post_ln(layer, layer.encoder_attn_layer_norm, x,
+                              layer.encoder_attn(x, key_value_states=encoder_states, attention_mask=mask)[0])
+
+@patch
+def _feed_forward(self: SwitchableSeq2Seq, layer):
+    return layer.layer[-1] if self.arch == "t5" else (lambda x: _ffn(layer, x))
+
+@patch
+def _position_bias(self: SwitchableSeq2Seq, stack, length: int, positions: Tensor | None = None):
+    "T5: the relative-position bias (1 or B, H, n, n) of `stack`, indexed by original `positions` (B, n'); BART: None."
+    if self.arch != "t5":
+        return None
+    attention = stack.block[0].layer[0].SelfAttention
+    device = attention.relative_attention_bias.weight.device
+    if positions is None:
+        return attention.compute_bias(length, length, device=device)
+    span = int(positions.max()) + 1                                                       # the bias depends on distances only
+    full = attention.compute_bias(span, span, device=device)[0]                          # (H, span, span)
+    return full[:, positions[:, :, None], positions[:, None, :]].transpose(0, 1)         # (B, H, n', n')
+
 @patch
 def first_layer(self: SwitchableSeq2Seq, input_ids: Tensor, attention_mask: Tensor) -> tuple[Tensor, object]:
     "Embeddings and encoder layer 1: returns h1 (B, n, D) and the prepared attention mask."
     from transformers.masking_utils import create_bidirectional_mask
     embeds = self.encoder.embed_tokens(input_ids)                                        # scaled as in BART
-    h = self.encoder.layernorm_embedding(embeds + self.encoder.embed_positions(embeds[:, :, -1]))
-    h = F.dropout(h, p=self.encoder.dropout, training=self.training)
-    mask = create_bidirectional_mask(config=self.model.config, inputs_embeds=embeds, attention_mask=attention_mask)
-    layer = self.encoder.layers[0]
-    h = _post_ln(layer, layer.self_attn_layer_norm, h, layer.self_attn(h, attention_mask=mask)[0])
-    return _ffn(layer, h), mask
+    if self.arch == "t5":
+        h = self.encoder.dropout(embeds)
+    else:
+        h = self.encoder.layernorm_embedding(embeds + self.encoder.embed_positions(embeds[:, :, -1]))
+        h = F.dropout(h, p=self.encoder.dropout, training=self.training)
+    mask = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=embeds, attention_mask=attention_mask)
+    layer, bias = self.encoder_layers[0], self._position_bias(self.encoder, input_ids.shape[1])
+    h = self._self_attention(layer, mask, bias)(h)
+    return self._feed_forward(layer)(h), mask
 
 @patch
 def encode_rest(
@@ -1000,16 +1068,20 @@ def encode_rest(
     attention_mask: Tensor,  # (B, n) key mask for layers 2..N_e (kept real tokens)
     gates: list,  # 2 (N_e - 1) gates: bools (skip path) or (B, 1, 1) tensors (masked form)
     keep_tokens: Tensor | None = None,  # (B, n, 1) masked form only: freeze skipped tokens
-) -> Tensor:  # (B, n, D) encoder output
+    positions: Tensor | None = None,  # (B, n) original positions of gathered tokens (T5's relative bias); None = 0..n-1
+) -> Tensor:  # (B, n, D) encoder output (after T5's final LayerNorm)
     "Encoder layers 2..N_e under the given gates."
     from transformers.masking_utils import create_bidirectional_mask
-    mask = create_bidirectional_mask(config=self.model.config, inputs_embeds=h1, attention_mask=attention_mask)
+    mask = create_bidirectional_mask(config=self.encoder.config, inputs_embeds=h1, attention_mask=attention_mask)
+    bias = self._position_bias(self.encoder, h1.shape[1], positions)
     h = h1
-    for index, layer in enumerate(self.encoder.layers[1:]):
-        attend = lambda x: _post_ln(layer, layer.self_attn_layer_norm, x, layer.self_attn(x, attention_mask=mask)[0])
-        for gate, sublayer in ((gates[2 * index], attend), (gates[2 * index + 1], lambda x: _ffn(layer, x))):
+    for index, layer in enumerate(self.encoder_layers[1:]):
+        for gate, sublayer in ((gates[2 * index], self._self_attention(layer, mask, bias)),
+                               (gates[2 * index + 1], self._feed_forward(layer))):
             new = _gate(h, gate, sublayer)
             h = new if keep_tokens is None else keep_tokens * new + (1 - keep_tokens) * h
+    if self.arch == "t5":
+        h = self.encoder.dropout(self.encoder.final_layer_norm(h))
     return h
 
 @patch
@@ -1023,20 +1095,27 @@ def decode(
     "Decoder under the given gates; cross-attention always runs."
     from transformers.masking_utils import create_bidirectional_mask, create_causal_mask
     embeds = self.decoder.embed_tokens(decoder_input_ids)
-    h = self.decoder.layernorm_embedding(embeds + self.decoder.embed_positions(decoder_input_ids, 0))
-    h = F.dropout(h, p=self.decoder.dropout, training=self.training)
-    config = self.model.config
+    if self.arch == "t5":
+        h = self.decoder.dropout(embeds)
+    else:
+        h = self.decoder.layernorm_embedding(embeds + self.decoder.embed_positions(decoder_input_ids, 0))
+        h = F.dropout(h, p=self.decoder.dropout, training=self.training)
+    config = self.decoder.config
     causal = create_causal_mask(config=config, inputs_embeds=embeds, attention_mask=torch.ones_like(decoder_input_ids),
                                 cache=None)
     cross = create_bidirectional_mask(config=config, inputs_embeds=embeds, attention_mask=encoder_mask,
                                       encoder_hidden_states=encoder_states)
-    for index, layer in enumerate(self.decoder.layers):
-        attend = lambda x: _post_ln(layer, layer.self_attn_layer_norm, x, layer.self_attn(x, attention_mask=causal)[0])
-        h = _gate(h, gates[2 * index], attend)
-        h = _post_ln(layer, layer.encoder_attn_layer_norm, h,
-                     layer.encoder_attn(h, key_value_states=encoder_states, attention_mask=cross)[0])
-        h = _gate(h, gates[2 * index + 1], lambda x: _ffn(layer, x))
-    return self.model.lm_head(h) + self.model.final_logits_bias
+    bias = self._position_bias(self.decoder, decoder_input_ids.shape[1])
+    for index, layer in enumerate(self.decoder_layers):
+        h = _gate(h, gates[2 * index], self._self_attention(layer, causal, bias))
+        h = self._cross_attention(layer, encoder_states, cross)(h)
+        h = _gate(h, gates[2 * index + 1], self._feed_forward(layer))
+    if self.arch == "bart":
+        return self.model.lm_head(h) + self.model.final_logits_bias
+    h = self.decoder.dropout(self.decoder.final_layer_norm(h))
+    if getattr(self.model.config, "scale_decoder_outputs", False):                     # tied embeddings in T5
+        h = h * self.model.config.d_model**-0.5
+    return self.model.lm_head(h)
 
 # %% ../nbs/16_switchable.ipynb #35486edc
 @patch
@@ -1066,7 +1145,7 @@ def forward_rest(self: SwitchableSeq2Seq, h1: Tensor, attention_mask: Tensor, de
     if token_keep is not None:
         check_shape("token_keep", token_keep, (B, n))
         if not torch.all(token_keep[:, 0] == 1):
-            raise ValueError("token_keep must keep position 0 (BOS), so every instance keeps a source token.")
+            raise ValueError("token_keep must keep position 0 (the first source token), so every instance keeps one.")
         key_mask = token_keep * attention_mask
         keep_tokens = key_mask[:, :, None].to(h1.dtype)                                   # (B, n, 1)
     encoded = self.encode_rest(h1, key_mask, gates[: self.num_encoder_decisions], keep_tokens)
@@ -1079,10 +1158,12 @@ def _bool_gates(pattern: Tensor) -> list:
 @patch
 def _encode_skip(self: SwitchableSeq2Seq, input_ids, attention_mask, pattern, token_keep):
     h1, _ = self.first_layer(input_ids, attention_mask)
-    key_mask = attention_mask
+    key_mask, positions = attention_mask, None
     if token_keep is not None:
+        positions = kept_token_order(attention_mask, token_keep)
         h1, key_mask = gather_kept_tokens(h1, attention_mask, token_keep)
-    return self.encode_rest(h1, key_mask, _bool_gates(pattern[: self.num_encoder_decisions])), key_mask
+    gates = _bool_gates(pattern[: self.num_encoder_decisions])
+    return self.encode_rest(h1, key_mask, gates, positions=positions), key_mask
 
 @patch
 @torch.no_grad()
@@ -1151,15 +1232,20 @@ def flops(
     "Analytic FLOPs of the gated encoder-decoder, teacher-forced decoder convention."
     config = self.model.config
     D, V = config.d_model, config.vocab_size
+    if self.arch == "t5":
+        inner, enc_ffn_dim, dec_ffn_dim = config.num_heads * config.d_kv, config.d_ff, config.d_ff
+        matrices = 3 if config.is_gated_act else 2
+    else:
+        inner, enc_ffn_dim, dec_ffn_dim, matrices = D, config.encoder_ffn_dim, config.decoder_ffn_dim, 2
     n, m = torch.as_tensor(src_lengths, dtype=torch.float64), torch.as_tensor(tgt_lengths, dtype=torch.float64)
     kept = n if kept_lengths is None else torch.as_tensor(kept_lengths, dtype=torch.float64)
-    enc_att, enc_ffn = sublayer_flops(kept, D, config.encoder_ffn_dim)
-    first_att, first_ffn = sublayer_flops(n, D, config.encoder_ffn_dim)
-    dec_att, dec_ffn = sublayer_flops(m, D, config.decoder_ffn_dim)
-    cross = 2 * (2 * m * D**2 + 2 * kept * D**2 + 2 * m * kept * D)
-    fixed = first_att + first_ffn + len(self.decoder.layers) * cross + 2 * m * D * V
-    per_candidate = torch.cat([torch.stack([enc_att, enc_ffn], -1).repeat(1, len(self.encoder.layers) - 1),
-                               torch.stack([dec_att, dec_ffn], -1).repeat(1, len(self.decoder.layers))], -1)  # (B, J)
+    enc_att, enc_ffn = sublayer_flops(kept, D, enc_ffn_dim, inner, matrices)
+    first_att, first_ffn = sublayer_flops(n, D, enc_ffn_dim, inner, matrices)
+    dec_att, dec_ffn = sublayer_flops(m, D, dec_ffn_dim, inner, matrices)
+    cross = 2 * (2 * m * D * inner + 2 * kept * D * inner + 2 * m * kept * inner)
+    fixed = first_att + first_ffn + len(self.decoder_layers) * cross + 2 * m * D * V
+    per_candidate = torch.cat([torch.stack([enc_att, enc_ffn], -1).repeat(1, len(self.encoder_layers) - 1),
+                               torch.stack([dec_att, dec_ffn], -1).repeat(1, len(self.decoder_layers))], -1)  # (B, J)
     if decisions is None:
         decisions = torch.ones_like(per_candidate)
     return fixed + (decisions.double() * per_candidate).sum(-1)
@@ -1239,6 +1325,8 @@ def load_e2e_seq2seq(
     max_target: int = 40,
     n_test: int = 200,  # distinct test meaning representations
     data_dir=None,
+    decoder_start_token_id: int | None = None,  # Hugging Face tokenizers only. None: targets start with BOS (BART);
+                                                # an id: targets are shifted right behind it (T5)
 ) -> dict:  # "train" tensors, "test" tensors plus "references" (lists of token lists), "tokenizer"
     "E2E pairs: the dev split for training, distinct test meaning representations with all their references."
     from alignbook.data import load_e2e
@@ -1254,20 +1342,24 @@ def load_e2e_seq2seq(
     encode = _hf_encode if not isinstance(tokenizer, WordSeq2SeqTokenizer) else None
     def pairs(sources, targets):
         if encode is not None:
-            return encode(tokenizer, sources, targets, max_source, max_target)
+            return encode(tokenizer, sources, targets, max_source, max_target, decoder_start_token_id)
         return {**tokenizer.sources(sources, max_source), **tokenizer.targets(targets, max_target)}
     return {"train": pairs([r["mr"] for r in train_rows], [r["ref"] for r in train_rows]),
             "test": {**pairs(mrs, first_refs), "references": [references[mr] for mr in mrs]}, "tokenizer": tokenizer}
 
-def _hf_encode(tokenizer, sources, targets, max_source, max_target) -> dict[str, Tensor]:
+def _hf_encode(tokenizer, sources, targets, max_source, max_target, decoder_start_token_id=None) -> dict[str, Tensor]:
     source = tokenizer(sources, max_length=max_source, truncation=True, padding="max_length", return_tensors="pt")
     target = tokenizer(text_target=targets, max_length=max_target, truncation=True, padding="max_length",
                        return_tensors="pt")["input_ids"]
-    # BART tokenizers wrap text as <s> ... </s>: the decoder reads <s> w1 ... and predicts w1 ... </s>
-    labels = target[:, 1:].masked_fill(target[:, 1:] == tokenizer.pad_token_id, -100)
+    if decoder_start_token_id is None:
+        # BART tokenizers wrap text as <s> ... </s>: the decoder reads <s> w1 ... and predicts w1 ... </s>
+        decoder_inputs, labels = target[:, :-1], target[:, 1:]
+    else:
+        # T5 tokenizers add no start token: the decoder reads [start] w1 ... and predicts w1 ... </s>
+        start = torch.full((len(target), 1), decoder_start_token_id)
+        decoder_inputs, labels = torch.cat([start, target[:, :-1]], 1), target
     return {"input_ids": source["input_ids"], "attention_mask": source["attention_mask"],
-            "decoder_input_ids": target[:, :-1],
-            "labels": labels}
+            "decoder_input_ids": decoder_inputs, "labels": labels.masked_fill(labels == tokenizer.pad_token_id, -100)}
 
 # %% ../nbs/16_switchable.ipynb #2adac75c
 def e2e_model(vocab_size: int, seed: int = 0, d_model: int = 64, layers: int = 3, ffn_dim: int = 256, heads: int = 4,
@@ -1284,7 +1376,7 @@ def e2e_model(vocab_size: int, seed: int = 0, d_model: int = 64, layers: int = 3
         return SwitchableSeq2Seq(BartForConditionalGeneration(config))
 
 def pretrained_seq2seq(model_name: str) -> tuple[SwitchableSeq2Seq, object]:
-    "Load a BART-class checkpoint and its tokenizer by name or path (must already be on disk when offline)."
+    "Load a BART- or T5-class checkpoint and its tokenizer by name or path (must already be on disk when offline)."
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
     return SwitchableSeq2Seq(AutoModelForSeq2SeqLM.from_pretrained(model_name)), AutoTokenizer.from_pretrained(model_name)
 
@@ -1352,7 +1444,7 @@ def _generation_latency(model, agent, test, n_examples: int, max_new_tokens: int
     return {**seconds, "ratio_skip_over_full": seconds["skip_path"] / seconds["full"]}
 
 def run_e2e(
-    model_name: str | None = None,  # None: tiny BART from a config on a word vocabulary; else a BART-class checkpoint
+    model_name: str | None = None,  # None: tiny BART from a config on a word vocabulary; else a BART- or T5-class checkpoint
     backbone_steps: int = 1500,  # from scratch, or fine-tuning steps for a checkpoint
     agent_steps: int = 300,
     cfg: SwitchableConfig | None = None,  # policy settings; default small() with eps 0.05 and token skipping
@@ -1373,7 +1465,8 @@ def run_e2e(
         model, decode_fn = e2e_model(data["tokenizer"].vocab_size, seed), data["tokenizer"].decode
     else:
         model, tokenizer = pretrained_seq2seq(model_name)
-        data = load_e2e_seq2seq(tokenizer, n_test=n_test, max_target=max_new_tokens)
+        start = model.model.config.decoder_start_token_id if model.arch == "t5" else None
+        data = load_e2e_seq2seq(tokenizer, n_test=n_test, max_target=max_new_tokens, decoder_start_token_id=start)
         decode_fn = lambda ids: word_tokenize(tokenizer.decode(ids, skip_special_tokens=True))
     # robustness training (ours): each sub-layer off with p = 0.2, each token after BOS skipped with p = 0.1
     backbone = train_backbone(model, backbone_steps, batch_size=batch_size, skip_prob=0.2, lr=lr, seed=seed,

@@ -11,13 +11,15 @@ import pytest
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import BartConfig, BartForConditionalGeneration, BertConfig, BertModel
+from transformers import (
+    BartConfig, BartForConditionalGeneration, BertConfig, BertModel, T5Config, T5ForConditionalGeneration,
+)
 
 from alignbook.reproduce import ReproduceConfig
 from alignbook.switchable import (
     AgentObjective, SkipAgent, SwitchableClassifier, SwitchableConfig, SwitchableSeq2Seq, all_patterns,
     decision_table, dynamic_barrier_direction, early_exit_curve, flops_fraction, gather_kept_tokens,
-    load_text_classification, model_flops, pattern_index, reproduce, rouge_l, run_e2e, skip_forward, skip_predict,
+    kept_token_order, load_text_classification, model_flops, pattern_index, reproduce, rouge_l, run_e2e, skip_forward, skip_predict,
     static_baselines, static_envelope, table_outcomes, train_agent,
 )
 
@@ -39,6 +41,16 @@ def _bart(seed=0):
                         forced_eos_token_id=None, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0)
     config._attn_implementation = "eager"
     return BartForConditionalGeneration(config).eval()
+
+
+def _t5(seed=0, gated=False):
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=30, d_model=32, d_kv=8, d_ff=64, num_layers=3, num_decoder_layers=2, num_heads=4,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
+                      feed_forward_proj="gated-gelu" if gated else "relu", pad_token_id=0, eos_token_id=1,
+                      decoder_start_token_id=2)
+    config._attn_implementation = "eager"
+    return T5ForConditionalGeneration(config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -265,6 +277,76 @@ def test_bart_skip_path_and_flops(bart_inputs):
     assert abs(counter.get_total_flops() - analytic) / analytic < 0.05
 
 
+@pytest.mark.parametrize("gated", [False, True])
+def test_t5_all_on_equals_hf_and_generate(bart_inputs, gated):
+    src, src_mask, tgt = bart_inputs
+    tgt = tgt.clone()
+    tgt[:, 0] = 2                                                                       # decoder start token
+    t5 = _t5(gated=gated)
+    model = SwitchableSeq2Seq(t5)
+    assert model.arch == "t5"
+    assert model.num_decisions == 8
+    reference = t5(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt).logits
+    torch.testing.assert_close(model(src, src_mask, tgt), reference, atol=1e-6, rtol=0)
+    torch.testing.assert_close(model(src, src_mask, tgt, torch.ones(4, 8)), reference, atol=1e-6, rtol=0)
+    hf = t5.generate(input_ids=src, attention_mask=src_mask, max_new_tokens=5, do_sample=False, num_beams=1,
+                     min_length=0)
+    assert torch.equal(model.generate(src, src_mask, max_new_tokens=5)[:, : hf.shape[1]], hf)
+
+
+@pytest.mark.parametrize("sublayer, block, index", [(0, 1, 0), (-1, 2, 3), (-1, 0, 5), (0, 1, 6)])
+def test_t5_gate_off_equals_removed_sublayer(bart_inputs, sublayer, block, index):
+    src, src_mask, tgt = bart_inputs
+    t5 = _t5()
+    removed = copy.deepcopy(t5)
+    # decision index -> encoder blocks 2..3 [att, ffn], then decoder blocks 1..2 [att, ffn]. The attention of
+    # block 1, which owns the relative-position bias in Hugging Face's stack, is not removed here: the wrapper keeps
+    # the bias when that attention is skipped.
+    stack = removed.encoder if index < 4 else removed.decoder
+
+    class Identity(nn.Module):
+        def forward(self, h, attention_mask=None, position_bias=None, **kwargs):
+            return h if sublayer == -1 else (h, position_bias, None)
+
+    stack.block[block].layer[sublayer] = Identity()
+    decisions = torch.ones(4, 8)
+    decisions[:, index] = 0
+    expected = removed(input_ids=src, attention_mask=src_mask, decoder_input_ids=tgt).logits
+    torch.testing.assert_close(SwitchableSeq2Seq(t5)(src, src_mask, tgt, decisions), expected, atol=1e-5, rtol=0)
+
+
+def test_t5_skip_path_tokens_and_flops(bart_inputs):
+    src, src_mask, tgt = bart_inputs
+    for gated in (False, True):
+        model = SwitchableSeq2Seq(_t5(gated=gated))
+        decisions = torch.randint(0, 2, (4, 8), generator=torch.Generator().manual_seed(6)).float()
+        keep = torch.ones(4, 7)
+        keep[0, 3:5] = 0
+        keep[2, 1] = 0
+        torch.testing.assert_close(model.skip_logits(src, src_mask, tgt, decisions, keep),
+                                   model(src, src_mask, tgt, decisions, keep), atol=1e-5, rtol=0)
+        for row in (torch.ones(1, 8), torch.tensor([[1.0, 1, 0, 1, 0, 1, 1, 0]]), torch.zeros(1, 8)):
+            with FlopCounterMode(display=False) as counter:
+                model.skip_logits(src[:1], torch.ones_like(src[:1]), tgt[:1], row, keep[:1])
+            analytic = model.flops(torch.tensor([7]), torch.tensor([5]), row, torch.tensor([5])).item()
+            assert abs(counter.get_total_flops() - analytic) / analytic < 0.05
+
+
+def test_t5_gather_needs_original_positions(bart_inputs):
+    src, src_mask, _ = bart_inputs
+    model = SwitchableSeq2Seq(_t5())
+    keep = torch.tensor([[1.0, 1, 0, 0, 1, 1, 1]])
+    h1, _ = model.first_layer(src[:1], src_mask[:1])
+    masked = model.encode_rest(h1, keep.long(), [True] * 4)                             # (1, 7, D) key mask
+    gathered, kept_mask = gather_kept_tokens(h1, src_mask[:1], keep)
+    positions = kept_token_order(src_mask[:1], keep)
+    assert positions.tolist() == [[0, 1, 4, 5, 6]]
+    right = model.encode_rest(gathered, kept_mask, [True] * 4, positions=positions)
+    torch.testing.assert_close(right, masked[:, [0, 1, 4, 5, 6]], atol=1e-5, rtol=0)
+    wrong = model.encode_rest(gathered, kept_mask, [True] * 4)
+    assert (wrong - right).abs().max() > 1e-3
+
+
 def test_rouge_l_values():
     assert rouge_l("a b c".split(), ["a b c".split()]) == pytest.approx(1.0)
     assert rouge_l("a x c".split(), ["a b c d".split()]) == pytest.approx(2 * (2 / 3) * 0.5 / (2 / 3 + 0.5))
@@ -290,8 +372,14 @@ def test_bad_inputs_raise():
         SwitchableConfig(budget=0.0)
     with pytest.raises(ValueError, match="BERT-style"):
         SwitchableClassifier(nn.Linear(2, 2), 2)
-    with pytest.raises(ValueError, match="BART-style"):
+    with pytest.raises(ValueError, match="BART-style nor T5-style"):
         SwitchableSeq2Seq(nn.Linear(2, 2))
+    one_block = _t5()
+    one_block.encoder.block = one_block.encoder.block[:1]
+    with pytest.raises(ValueError, match="at least 2 encoder layers"):
+        SwitchableSeq2Seq(one_block)
+    with pytest.raises(ValueError, match="decisions has shape"):
+        SwitchableSeq2Seq(_t5())(torch.ones(2, 4).long(), torch.ones(2, 4), torch.zeros(2, 3).long(), torch.ones(2, 7))
     model = _bert()
     ids = torch.randint(3, 40, (2, 5))
     with pytest.raises(ValueError, match="decisions has shape"):
@@ -325,22 +413,38 @@ def test_run_e2e_tiny_config():
     assert results["latency"]["full"] > 0
 
 
-def test_reproduce_real_and_paper_presets_run(tmp_path: Path):
+def test_reproduce_real_preset_runs(tmp_path: Path):
     real = reproduce(ReproduceConfig("switchable", "real", tmp_path, progress=False,
                                      options={"backbone_steps": 2, "agent_steps": 2, "n_test": 3, "n_validation": 8}))
     assert 0 <= real["summary"]["method"] <= 1
-    # A tiny BART saved to disk with the GPT-2 tokenizer of the data directory replaces a checkpoint name.
+
+
+def _save_tiny_checkpoint(folder: Path, arch: str) -> None:
+    "Save a tiny BART or T5 with the GPT-2 tokenizer of the data directory, standing in for a checkpoint name."
     from alignbook.models import load_tokenizer
-    folder = tmp_path / "tiny-bart"
     tokenizer = load_tokenizer("gpt2")
-    config = BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=2, decoder_layers=1,
-                        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-                        max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                        decoder_start_token_id=tokenizer.bos_token_id, forced_eos_token_id=None)
-    BartForConditionalGeneration(config).save_pretrained(folder)
+    if arch == "bart":
+        config = BartConfig(vocab_size=len(tokenizer), d_model=16, encoder_layers=2, decoder_layers=1,
+                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                            decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
+                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                            decoder_start_token_id=tokenizer.bos_token_id, forced_eos_token_id=None)
+        BartForConditionalGeneration(config).save_pretrained(folder)
+    else:
+        config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=1,
+                          num_heads=2, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                          decoder_start_token_id=tokenizer.pad_token_id)
+        T5ForConditionalGeneration(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
+
+
+@pytest.mark.parametrize("arch", ["bart", "t5"])
+def test_reproduce_paper_preset_loads_checkpoint(tmp_path: Path, arch):
+    folder = tmp_path / f"tiny-{arch}"
+    _save_tiny_checkpoint(folder, arch)
     paper = reproduce(ReproduceConfig("switchable", "paper", tmp_path, progress=False,
                                       options={"model_name": str(folder), "backbone_steps": 1, "agent_steps": 2,
                                                "n_test": 2, "n_validation": 4}))
     assert paper["model_name"] == str(folder)
+    assert paper["full"]["flops"] == pytest.approx(1.0)
+    assert 0 < paper["policy"]["flops"] <= 1
