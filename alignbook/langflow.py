@@ -28,10 +28,12 @@ __all__ = ['logger', 'RF_EPS', 'GuidanceFn', 'RK45_TOL', 'SYNTHETIC_SLOTS', 'SYN
            'encode_batch', 'synthetic_restaurants', 'parse_synthetic', 'delexicalise', 'mentioned_value', 'e2e_corpus',
            'TextVAE', 'make_pair_sampler', 'EMA', 'train_rectified_flow', 'lexicographic_direction',
            'lexicographic_loss', 'LatentStats', 'joint_loss', 'LatentClassifier', 'train_latent_classifier',
-           'latent_classifier_guidance', 'LanguageRectifiedFlow', 'LangFlowConfig', 'prepare_e2e', 'train_vae',
-           'encode_latents', 'reconstruction_accuracy', 'train_fluency_lm', 'lm_perplexity', 'latent_w2',
-           'train_generation_flows', 'evaluate_samples', 'evaluate_generation', 'data_w2_floor', 'time_generation',
-           'evaluate_control', 'train_transfer_flows', 'evaluate_editing', 'run_experiment', 'compare_joint_training',
+           'latent_classifier_guidance', 'LanguageRectifiedFlow', 'TokenEmbedding', 'VelocityTransformer',
+           'embedding_flow_loss', 'train_embedding_flow', 'pad_ids', 'round_to_texts', 'LangFlowConfig', 'prepare_e2e',
+           'train_vae', 'encode_latents', 'reconstruction_accuracy', 'train_fluency_lm', 'lm_perplexity', 'latent_w2',
+           'train_generation_flows', 'train_diffusion_baseline', 'evaluate_samples', 'evaluate_generation',
+           'data_w2_floor', 'time_generation', 'evaluate_control', 'train_transfer_flows', 'evaluate_editing',
+           'train_embedding_models', 'evaluate_embedding_generation', 'run_experiment', 'compare_joint_training',
            'plot_trajectories', 'plot_quality_vs_steps', 'plot_edit_table', 'config_for', 'reproduce']
 
 # %% ../nbs/17_langflow.ipynb #ad55e3a8
@@ -192,19 +194,19 @@ def rk45_sample(
 
 # %% ../nbs/17_langflow.ipynb #afcce02f
 def straightness(
-    velocity: Callable[[Tensor, Tensor], Tensor],  # v(z (B, d), t (B,)) -> (B, d)
-    z0: Tensor,  # (B, d) starting points drawn from pi_0
+    velocity: Callable[[Tensor, Tensor], Tensor],  # v(z (B, ...), t (B,)) -> (B, ...)
+    z0: Tensor,  # (B, d) latents or (B, n, d) token embeddings, drawn from pi_0
     num_steps: int = 64,  # Euler steps used to simulate the trajectories
-) -> float:  # mean over steps and samples of ||(Z_1 - Z_0) - v(Z_t, t)||^2 (sum over dimensions)
+) -> float:  # mean over steps and samples of ||(Z_1 - Z_0) - v(Z_t, t)||^2 (sum over all non-batch dimensions)
     "Straightness S(v) = int_0^1 E||(Z_1 - Z_0) - v(Z_t, t)||^2 dt along Euler trajectories of v."
     _check_num_steps(num_steps)
-    _, trajectory = euler_sample(velocity, z0, num_steps, return_trajectory=True)  # (S + 1, B, d)
-    displacement = trajectory[-1] - trajectory[0]  # (B, d)
+    _, trajectory = euler_sample(velocity, z0, num_steps, return_trajectory=True)  # (S + 1, B, ...)
+    displacement = trajectory[-1] - trajectory[0]  # (B, ...)
     total = 0.0
     with torch.no_grad():
         for k in range(num_steps):
             t = torch.full((z0.shape[0],), k / num_steps, dtype=z0.dtype, device=z0.device)
-            total += (displacement - velocity(trajectory[k], t)).pow(2).sum(-1).mean().item()
+            total += (displacement - velocity(trajectory[k], t)).pow(2).flatten(1).sum(1).mean().item()
     return total / num_steps
 
 
@@ -268,7 +270,7 @@ class FlowMatchSchedulerAdapter:
 
 # %% ../nbs/17_langflow.ipynb #fb4afcbb
 class DiffusionBaseline(nn.Module):
-    "DDPM on latent vectors: an x0- (or epsilon-) prediction MLP and diffusers' DDPMScheduler."
+    "DDPM with diffusers' DDPMScheduler and an x0- (or epsilon-) prediction network: an MLP, or any `denoiser`."
     def __init__(
         self,
         latent_dim: int,  # d
@@ -277,42 +279,43 @@ class DiffusionBaseline(nn.Module):
         num_train_timesteps: int = 1000,  # T, DDPM paper and diffusers default
         beta_schedule: str = "squaredcos_cap_v2",  # cosine schedule (Nichol and Dhariwal 2021)
         prediction_type: Literal["sample", "epsilon"] = "sample",  # x0-prediction as in Diffusion-LM, or noise
+        denoiser: nn.Module | None = None,  # f(x, t in [0, 1]) replacing the MLP, e.g. a `VelocityTransformer`
     ):
         super().__init__()
         from diffusers import DDPMScheduler
         if prediction_type not in ("sample", "epsilon"):
             raise ValueError(f"Unknown prediction_type {prediction_type!r}; valid values are ['sample', 'epsilon'].")
-        self.denoiser = VelocityMLP(latent_dim, hidden_size, num_layers)
+        self.denoiser = VelocityMLP(latent_dim, hidden_size, num_layers) if denoiser is None else denoiser
         self.scheduler = DDPMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule,
                                        clip_sample=False, timestep_spacing="trailing", prediction_type=prediction_type)
 
     def forward(
         self,
-        sample: Tensor,  # (B, d) noisy latents
+        sample: Tensor,  # (B, d) noisy latents or (B, n, d) noisy token embeddings
         timestep: Tensor,  # (B,) integer timesteps
-    ) -> Tensor:  # (B, d) predicted clean latent (or noise with prediction_type="epsilon")
+    ) -> Tensor:  # same shape as `sample`: predicted clean sample (or noise with prediction_type="epsilon")
         return self.denoiser(sample, timestep.to(sample.dtype) / self.scheduler.config.num_train_timesteps)
 
     def loss(
         self,
-        x1: Tensor,  # (B, d) clean latents
+        x1: Tensor,  # (B, d) clean latents or (B, n, d) clean token embeddings
         generator: torch.Generator | None = None,
     ) -> Tensor:  # scalar: mean over batch and dimensions of the squared prediction error
         "DDPM simple loss: E ||f_theta(sqrt(abar_t) x + sqrt(1 - abar_t) eps, t) - target||^2, target x or eps."
         num_timesteps = self.scheduler.config.num_train_timesteps
         timestep = torch.randint(0, num_timesteps, (x1.shape[0],), generator=generator)  # (B,)
-        noise = torch.randn(x1.shape, generator=generator).to(x1)  # (B, d)
-        noisy = self.scheduler.add_noise(x1, noise, timestep.to(x1.device))  # (B, d)
+        noise = torch.randn(x1.shape, generator=generator).to(x1)  # like x1
+        noisy = self.scheduler.add_noise(x1, noise, timestep.to(x1.device))  # like x1
         target = x1 if self.scheduler.config.prediction_type == "sample" else noise
         return (self(noisy, timestep) - target).pow(2).mean()
 
     @torch.no_grad()
     def sample(
         self,
-        noise: Tensor,  # (B, d) starting noise
+        noise: Tensor,  # (B, d) or (B, n, d) starting noise
         num_steps: int,  # S, denoising steps
         generator: torch.Generator | None = None,  # randomness of the ancestral steps
-    ) -> Tensor:  # (B, d) generated latents
+    ) -> Tensor:  # generated samples, shaped like `noise`
         "Ancestral DDPM sampling with `num_steps` steps of diffusers' DDPMScheduler."
         _check_num_steps(num_steps)
         self.scheduler.set_timesteps(num_steps)
@@ -1059,6 +1062,184 @@ class LanguageRectifiedFlow:
         z_back = euler_sample(self.velocity, z, num_steps, t0=1.0, t1=invert_to)
         return self.decode(euler_sample(self.velocity, z_back, num_steps, t0=invert_to, t1=1.0, guidance=guidance))
 
+# %% ../nbs/17_langflow.ipynb #b3c97b62
+class TokenEmbedding(nn.Module):
+    "Learned word embeddings divided by their RMS, with tied-softmax rounding p(w | x) ~ exp(-||x - e_w||^2 / 2)."
+    def __init__(
+        self,
+        vocab_size: int,  # V
+        embed_dim: int = 16,  # d; Diffusion-LM uses 16 on E2E
+        seed: int = 0,  # initialisation of the N(0, 1) table
+    ):
+        super().__init__()
+        if vocab_size < 2 or embed_dim < 1:
+            raise ValueError(f"vocab_size must be at least 2 and embed_dim positive, got {vocab_size} and {embed_dim}.")
+        self.vocab_size, self.embed_dim = vocab_size, embed_dim
+        self.weight = nn.Parameter(torch.randn(vocab_size, embed_dim, generator=torch.Generator().manual_seed(seed)))
+
+    def table(self) -> Tensor:  # (V, d) embeddings with unit root mean square over all entries
+        "The embedding table divided by its RMS, so that the flow loss cannot shrink it."
+        return self.weight / self.weight.pow(2).mean().sqrt()
+
+    def forward(
+        self,
+        input_ids: Tensor,  # (B, n) word ids, padding included
+    ) -> Tensor:  # (B, n, d)
+        if input_ids.dim() != 2 or input_ids.dtype != torch.long:
+            raise ValueError(f"input_ids must be a (B, n) long tensor, got {tuple(input_ids.shape)} {input_ids.dtype}.")
+        bad = (input_ids < 0) | (input_ids >= self.vocab_size)
+        if bad.any():
+            raise ValueError(f"input_ids contains id {input_ids[bad][0].item()} outside the vocabulary "
+                             f"[0, {self.vocab_size}); encode with the tokenizer the embeddings were built for.")
+        return F.embedding(input_ids, self.table())
+
+    def logits(
+        self,
+        x: Tensor,  # (B, n, d) vectors
+    ) -> Tensor:  # (B, n, V) x . e_w - ||e_w||^2 / 2, i.e. -||x - e_w||^2 / 2 up to a constant per position
+        "Tied-softmax logits of every position."
+        if x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            raise ValueError(f"x must have shape (B, n, {self.embed_dim}), got {tuple(x.shape)}.")
+        table = self.table()  # (V, d)
+        return x @ table.T - 0.5 * table.pow(2).sum(-1)
+
+    def round(self, x: Tensor) -> Tensor:  # (B, n, d) -> (B, n) ids of the nearest embeddings
+        "Rounding: the argmax of the tied softmax at every position."
+        return self.logits(x).argmax(-1)
+
+    def rounding_loss(
+        self,
+        x: Tensor,  # (B, n, d) vectors, e.g. noisy embeddings of `input_ids`
+        input_ids: Tensor,  # (B, n) ids the vectors should round to, padding included
+    ) -> Tensor:  # scalar: -log p(w_i | x_i), mean over positions and batch
+        "Cross-entropy of the tied softmax; every position counts, because padding is generated too."
+        check_shape("input_ids", input_ids, tuple(x.shape[:2]))
+        return F.cross_entropy(self.logits(x).flatten(0, 1), input_ids.flatten())
+
+# %% ../nbs/17_langflow.ipynb #49473b4b
+class VelocityTransformer(nn.Module):
+    "Velocity field v(x, t) for (B, n, d) token embeddings: a Transformer encoder over the n positions."
+    def __init__(
+        self,
+        embed_dim: int = 16,  # d, size of the token embeddings
+        seq_len: int = 33,  # n, positions per sentence (words, end-of-sentence id and padding)
+        hidden_size: int = 128,  # Transformer width
+        num_layers: int = 2,
+        num_heads: int = 4,
+        ff_size: int = 256,  # feed-forward width of each layer
+        num_frequencies: int = 8,  # K, time features sin/cos(pi k t) as in `VelocityMLP`
+    ):
+        super().__init__()
+        if min(embed_dim, seq_len, hidden_size, num_layers, num_heads, ff_size, num_frequencies) < 1:
+            raise ValueError("embed_dim, seq_len, hidden_size, num_layers, num_heads, ff_size and num_frequencies "
+                             f"must be positive, got {embed_dim}, {seq_len}, {hidden_size}, {num_layers}, "
+                             f"{num_heads}, {ff_size}, {num_frequencies}.")
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size={hidden_size} must be a multiple of num_heads={num_heads}.")
+        self.embed_dim, self.seq_len = embed_dim, seq_len
+        self.register_buffer("frequencies", math.pi * torch.arange(num_frequencies, dtype=torch.float32))
+        self.input = nn.Linear(embed_dim, hidden_size)
+        self.position = nn.Parameter(0.02 * torch.randn(seq_len, hidden_size))
+        self.time = nn.Sequential(nn.Linear(2 * num_frequencies, hidden_size), nn.SiLU(),
+                                  nn.Linear(hidden_size, hidden_size))
+        layer = nn.TransformerEncoderLayer(hidden_size, num_heads, ff_size, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, num_layers, enable_nested_tensor=False)
+        self.output = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, embed_dim))
+
+    def forward(
+        self,
+        x: Tensor,  # (B, n, d) state
+        t: Tensor,  # (B,) or scalar time in [0, 1]
+    ) -> Tensor:  # (B, n, d) velocity
+        check_shape("x", x, (None, self.seq_len, self.embed_dim))
+        angles = _time_column(t, x[:, 0]) * self.frequencies.to(x)  # (B, K)
+        time = self.time(torch.cat([angles.sin(), angles.cos()], -1))  # (B, D)
+        hidden = self.input(x) + self.position + time.unsqueeze(1)  # (B, n, D)
+        return self.output(self.encoder(hidden))
+
+# %% ../nbs/17_langflow.ipynb #65745262
+def embedding_flow_loss(
+    model: nn.Module,  # nn.ModuleDict with "velocity" (e.g. VelocityTransformer) and "embedding" (TokenEmbedding)
+    input_ids: Tensor,  # (B, n) ids padded to the velocity's length n
+    noise_std: float = 0.1,  # sigma_0, noise added to the embeddings to form X_1
+    eps: float = RF_EPS,  # t ~ U[eps, 1]
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, dict]:  # L_RF + rounding cross-entropy, and both terms as metrics
+    "Joint loss of the first flow and the embeddings: L_RF(X_0, Emb(w) + sigma_0 xi) - mean_i log p(w_i | X_1,i)."
+    if noise_std < 0:
+        raise ValueError(f"noise_std must be non-negative, got {noise_std}.")
+    clean = model["embedding"](input_ids)  # (B, n, d)
+    x1 = clean + noise_std * torch.randn(clean.shape, generator=generator).to(clean)
+    x0 = torch.randn(clean.shape, generator=generator).to(clean)
+    flow = rectified_flow_loss(model["velocity"], x0, x1, eps=eps, generator=generator)
+    rounding = model["embedding"].rounding_loss(x1, input_ids)
+    return flow + rounding, {"loss/flow": flow.detach(), "loss/rounding": rounding.detach()}
+
+
+def train_embedding_flow(
+    velocity: nn.Module,  # v_theta on (B, n, d), trained in place
+    embedding: TokenEmbedding,  # trained in place
+    input_ids: Tensor,  # (N, n) training ids padded to length n
+    steps: int,
+    lr: float = 1e-3,  # Adam learning rate, decayed to 0 with a cosine schedule
+    batch_size: int = 64,
+    noise_std: float = 0.1,  # sigma_0
+    seed: int = 0,
+    progress: bool = False,
+) -> list[dict]:  # history with loss/train, loss/flow and loss/rounding
+    "Fit the first rectified flow and the token embeddings jointly with `embedding_flow_loss`."
+    from alignbook.train import train
+    check_shape("input_ids", input_ids, (None, velocity.seq_len))
+
+    def batch_at(step: int) -> dict:
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        rows = torch.randint(0, input_ids.shape[0], (batch_size,), generator=generator)
+        return {"input_ids": input_ids[rows], "generator": generator}
+
+    def loss_fn(model, batch):
+        return embedding_flow_loss(model, batch["input_ids"].to(_device_of(model)), noise_std,
+                                   generator=batch["generator"])
+
+    model = nn.ModuleDict({"velocity": velocity, "embedding": embedding})
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+    return train(model, loss_fn, batch_at, steps, optimizer=optimizer,
+                 scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps), progress=progress,
+                 seed=seed, log_every=100)
+
+
+def pad_ids(
+    input_ids: Tensor,  # (N, L) ids, right-padded
+    length: int,  # n, the sequence length of the embedding representation
+    pad_token_id: int = 0,
+) -> Tensor:  # (N, n)
+    "Right-pad (or check) ids to exactly `length` positions."
+    if input_ids.shape[1] > length:
+        raise ValueError(f"input_ids has {input_ids.shape[1]} positions, more than length={length}; "
+                         "raise the sequence length or drop long sentences.")
+    return F.pad(input_ids, (0, length - input_ids.shape[1]), value=pad_token_id)
+
+
+@torch.no_grad()
+def round_to_texts(
+    embedding: TokenEmbedding,
+    tokenizer: WordTokenizer,
+    x: Tensor,  # (B, n, d) generated vectors
+) -> tuple[Tensor, list[str]]:  # (B, L') ids up to and including the end-of-sentence id, and B sentences
+    "Round every position, cut at the first end-of-sentence id, drop padding and start ids, detokenise."
+    rounded = embedding.round(x).tolist()  # one tensor-to-list conversion per batch
+    specials = (tokenizer.pad_token_id, tokenizer.bos_token_id)
+    rows = []
+    for row in rounded:
+        # a row without an end-of-sentence id keeps its n positions and gets none, as greedy decoding does
+        end = row.index(tokenizer.eos_token_id) + 1 if tokenizer.eos_token_id in row else len(row)
+        rows.append([i for i in row[:end] if i not in specials])
+    width = max(1, max(map(len, rows)))
+    ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)  # (B, L')
+    for i, row in enumerate(rows):
+        ids[i, : len(row)] = torch.tensor(row)
+    return ids, [tokenizer.decode(row) for row in rows]
+
 # %% ../nbs/17_langflow.ipynb #b7084b7c
 @dataclass
 class LangFlowConfig:
@@ -1119,11 +1300,30 @@ class LangFlowConfig:
     num_reconstruct: int = 500  # sentences of the round-trip check
     speed_steps: int = 4  # Euler steps of the 2-RF timed against the DDPM with `ddpm_sample_steps`
     timing_repeats: int = 3  # timings of each sampler for the speed comparison; the minimum is reported
+    # representation: "latent" (one VAE latent per sentence), "embedding" (one vector per token) or "both"
+    representation: str = "both"
+    # embedding representation: n = max_words + 1 positions of token_dim each, VelocityTransformer flows and DDPM
+    token_dim: int = 16  # Diffusion-LM uses 16 on E2E
+    token_hidden: int = 128  # Transformer width
+    token_layers: int = 2
+    token_heads: int = 4
+    token_ff: int = 256  # feed-forward width; 2 x width keeps the CPU preset short
+    token_noise: float = 0.1  # sigma_0 of X_1 = Emb(w) + sigma_0 xi while the embeddings are learned
+    token_flow_steps: int = 800  # joint 1-RF + embedding steps
+    token_reflow_steps: int = 400  # 2-RF steps on the reflow pairs
+    token_ddpm_steps: int = 800
+    token_batch_size: int = 32  # at equal CPU time, batch 32 for 800 steps beat batch 64 for 400 in our runs
+    token_lr: float = 2e-3
+    token_reflow_pairs: int = 800
+    token_reflow_solver_steps: int = 20  # Euler steps that generate the reflow pairs
+    token_step_grid: tuple = (1, 4, 20)  # Euler steps of the flows; the DDPM runs with speed_steps and ddpm_sample_steps
+    token_num_samples: int = 100  # generated sentences per (model, number of steps), also used for timing
+    token_timing_repeats: int = 2  # like timing_repeats, for the embedding samplers
     seed: int = 0
 
     @classmethod
     def small(cls) -> "LangFlowConfig":
-        "CPU preset (about 190 CPU seconds on one core): GRU VAE, d = 32, 800 VAE steps."
+        "CPU preset: GRU VAE with d = 32, and the embedding route with d = 16 per token and short training."
         return cls()
 
     @classmethod
@@ -1131,7 +1331,10 @@ class LangFlowConfig:
         "Transformer backbone (BertModel + GPT2LMHeadModel) trained longer: about an hour of CPU time (an estimate)."
         return cls(backbone="transformer", hidden_size=128, vae_steps=6000, vae_batch_size=128, vae_lr=1e-3,
                    beta_anneal_steps=3000, flow_steps=6000, ddpm_steps=6000, transfer_steps=6000,
-                   classifier_steps=1500, lm_steps=2000, num_samples=1000, num_reference=2000)
+                   classifier_steps=1500, lm_steps=2000, num_samples=1000, num_reference=2000,
+                   token_ff=512, token_flow_steps=8000, token_reflow_steps=4000, token_ddpm_steps=8000,
+                   token_reflow_pairs=4000, token_reflow_solver_steps=50, token_num_samples=400,
+                   token_timing_repeats=3)
 
     @classmethod
     def paper(cls) -> "LangFlowConfig":
@@ -1141,7 +1344,10 @@ class LangFlowConfig:
                    joint_steps=10_000, flow_hidden=1024, flow_steps=50_000, ddpm_steps=50_000,
                    transfer_steps=50_000, num_reflow_pairs=100_000, num_transfer_pairs=50_000,
                    ema_decay=0.9999, classifier_steps=5000, lm_steps=20_000, lm_hidden_size=256,
-                   num_samples=2000, num_reference=2000, max_words=64)
+                   num_samples=2000, num_reference=2000, max_words=64, token_hidden=256, token_layers=4,
+                   token_heads=8, token_ff=1024, token_flow_steps=50_000, token_reflow_steps=20_000,
+                   token_ddpm_steps=50_000, token_batch_size=128, token_lr=3e-4, token_reflow_pairs=50_000,
+                   token_reflow_solver_steps=100, token_num_samples=2000, token_timing_repeats=3)
 
     def __post_init__(self):
         if self.training not in ("two_stage", "lexicographic", "weighted"):
@@ -1158,6 +1364,11 @@ class LangFlowConfig:
                 raise ValueError(f"{value!r} is not a value of {slot!r}; valid values are {E2E_SLOT_VALUES[slot]}.")
         if any(s < 1 for s in self.step_grid):
             raise ValueError(f"step_grid must hold integers >= 1, got {self.step_grid}.")
+        if self.representation not in ("latent", "embedding", "both"):
+            raise ValueError(f"Unknown representation {self.representation!r}; valid values are "
+                             "['latent', 'embedding', 'both'].")
+        if any(s < 1 for s in self.token_step_grid):
+            raise ValueError(f"token_step_grid must hold integers >= 1, got {self.token_step_grid}.")
 
 # %% ../nbs/17_langflow.ipynb #3cad4280
 def prepare_e2e(
@@ -1294,7 +1505,6 @@ def train_generation_flows(
     progress: bool = False,
 ) -> dict:  # "rf1", "rf2", "ddpm" models and their histories
     "Train the 1-rectified flow, its reflow (2-rectified flow) and the DDPM baseline on the same latents."
-    from alignbook.train import train
     flow_args = dict(steps=config.flow_steps, lr=config.flow_lr, batch_size=config.flow_batch_size,
                      ema_decay=config.ema_decay, progress=progress)
     rf1 = _new_velocity(config)
@@ -1305,20 +1515,35 @@ def train_generation_flows(
     rf2 = _new_velocity(config)
     history2 = train_rectified_flow(rf2, make_pair_sampler(z1, z0, "fixed"), seed=config.seed + 2, **flow_args)
     ddpm = DiffusionBaseline(config.latent_dim, config.flow_hidden, config.flow_layers)
-
-    def ddpm_batch(step):
-        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + step)
-        return latents[torch.randint(0, latents.shape[0], (config.flow_batch_size,), generator=generator)], generator
-
-    def ddpm_loss(model, batch):
-        return model.loss(batch[0].to(_device_of(model)), batch[1]), {}
-
-    optimizer = torch.optim.Adam(ddpm.parameters(), lr=config.flow_lr)
-    history_ddpm = train(ddpm, ddpm_loss, ddpm_batch, config.ddpm_steps,
-                         optimizer=optimizer, scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(
-                             optimizer, T_max=config.ddpm_steps), progress=progress, seed=config.seed + 3)
+    history_ddpm = train_diffusion_baseline(ddpm, latents, config.ddpm_steps, lr=config.flow_lr,
+                                            batch_size=config.flow_batch_size, seed=config.seed, progress=progress)
     return {"rf1": rf1.eval(), "rf2": rf2.eval(), "ddpm": ddpm.eval(),
             "history": {"1-RF": history1, "2-RF": history2, "DDPM": history_ddpm}}
+
+
+def train_diffusion_baseline(
+    ddpm: DiffusionBaseline,  # trained in place
+    data: Tensor,  # (N, d) standardised latents or (N, n, d) frozen token embeddings
+    steps: int,  # optimizer steps
+    lr: float = 1e-3,  # Adam learning rate, decayed to 0 with a cosine schedule
+    batch_size: int = 256,
+    seed: int = 0,  # batch i draws its rows with seed * 1_000_003 + i; the loop runs with seed + 3
+    progress: bool = False,
+) -> list[dict]:  # history of the shared training loop
+    "Fit the DDPM baseline on rows of `data` with its simple loss through `alignbook.train.train`."
+    from alignbook.train import train
+
+    def batch_at(step):
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        return data[torch.randint(0, data.shape[0], (batch_size,), generator=generator)], generator
+
+    def loss_fn(model, batch):
+        return model.loss(batch[0].to(_device_of(model)), batch[1]), {}
+
+    optimizer = torch.optim.Adam(ddpm.parameters(), lr=lr)
+    return train(ddpm, loss_fn, batch_at, steps, optimizer=optimizer,
+                 scheduler=torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=steps), progress=progress,
+                 seed=seed + 3)
 
 # %% ../nbs/17_langflow.ipynb #fe9ece54
 def _slot_labels(texts: Sequence[str], slot: str) -> Tensor:  # (N,) value index of the mentioned value, -1 if none
@@ -1404,19 +1629,19 @@ def data_w2_floor(
 
 
 def time_generation(
-    lf: LanguageRectifiedFlow,  # VAE, tokenizer and statistics that turn latents into sentences
-    samplers: dict[str, Callable[[Tensor], Tensor]],  # name -> function from noise (n, d) to standardised latents
-    noise: Tensor,  # (n, d) starting noise shared by all samplers
+    decode: Callable[[Tensor], list[str]],  # samples -> sentences, e.g. `LanguageRectifiedFlow.decode`
+    samplers: dict[str, Callable[[Tensor], Tensor]],  # name -> function from noise to samples
+    noise: Tensor,  # (m, d) or (m, n, d) starting noise of m sentences, shared by all samplers
     repeats: int = 3,  # timings per sampler; the minimum is kept as the least disturbed by other processes
-) -> dict:  # name -> {"latent_ms", "decode_ms", "total_ms"}, wall-clock milliseconds per sentence
-    "Time latent sampling and decoding into strings per sentence, taking turns between samplers in every repeat."
+) -> dict:  # name -> {"latent_ms" (sampling), "decode_ms", "total_ms"}, wall-clock milliseconds per sentence
+    "Time sampling and decoding into strings per sentence, taking turns between samplers in every repeat."
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}.")
     best = {name: {"latent_ms": math.inf, "decode_ms": math.inf, "total_ms": math.inf} for name in samplers}
     for _ in range(repeats):
         for name, sampler in samplers.items():
             latents, latent_seconds = _timed(sampler, noise)
-            _, decode_seconds = _timed(_decode_texts, lf, latents)
+            _, decode_seconds = _timed(decode, latents)
             measured = {"latent_ms": latent_seconds, "decode_ms": decode_seconds,
                         "total_ms": latent_seconds + decode_seconds}
             for key, seconds in measured.items():
@@ -1525,6 +1750,87 @@ def evaluate_editing(
     return results
 
 # %% ../nbs/17_langflow.ipynb #eabf62bc
+def _new_token_velocity(config: LangFlowConfig) -> VelocityTransformer:
+    return VelocityTransformer(config.token_dim, config.max_words + 1, config.token_hidden, config.token_layers,
+                               config.token_heads, config.token_ff)
+
+
+def train_embedding_models(
+    train_ids: Tensor,  # (N, L) training ids, L <= max_words + 1
+    vocab_size: int,
+    config: LangFlowConfig,
+    progress: bool = False,
+) -> dict:  # "embedding", "rf1", "rf2", "ddpm" and their histories
+    "Train the embedding route: 1-RF with learned embeddings, its reflow (2-RF), and a DDPM on the frozen embeddings."
+    seq_len = config.max_words + 1
+    ids = pad_ids(train_ids, seq_len)  # (N, n)
+    embedding = TokenEmbedding(vocab_size, config.token_dim, seed=config.seed)
+    rf1 = _new_token_velocity(config)
+    history1 = train_embedding_flow(rf1, embedding, ids, config.token_flow_steps, lr=config.token_lr,
+                                    batch_size=config.token_batch_size, noise_std=config.token_noise,
+                                    seed=config.seed, progress=progress)
+    embedding.requires_grad_(False).eval()
+    device = _device_of(rf1)
+    noise_generator = torch.Generator().manual_seed(config.seed + 1)
+    draw_noise = lambda n: torch.randn(n, seq_len, config.token_dim, generator=noise_generator).to(device)
+    z0, z1 = reflow_pairs(rf1.eval(), draw_noise, config.token_reflow_pairs, solver="euler",
+                          num_steps=config.token_reflow_solver_steps)
+    rf2 = _new_token_velocity(config)
+    history2 = train_rectified_flow(rf2, make_pair_sampler(z1, z0, "fixed"), config.token_reflow_steps,
+                                    lr=config.token_lr, batch_size=config.token_batch_size, seed=config.seed + 2,
+                                    progress=progress)
+    with torch.no_grad():
+        targets = embedding(ids.to(device))  # (N, n, d) clean embeddings
+    ddpm = DiffusionBaseline(config.token_dim, denoiser=_new_token_velocity(config))
+    history_ddpm = train_diffusion_baseline(ddpm, targets, config.token_ddpm_steps, lr=config.token_lr,
+                                            batch_size=config.token_batch_size, seed=config.seed, progress=progress)
+    with torch.no_grad():
+        noisy = targets[:1000] + config.token_noise * torch.randn(targets[:1000].shape,
+                                                                  generator=torch.Generator().manual_seed(0)).to(device)
+        rounding_accuracy = (embedding.round(noisy) == ids[:1000].to(device)).float().mean().item()
+    return {"embedding": embedding, "rf1": rf1.eval(), "rf2": rf2.eval(), "ddpm": ddpm.eval(),
+            "rounding_accuracy": rounding_accuracy,
+            "history": {"1-RF": history1, "2-RF": history2, "DDPM": history_ddpm}}
+
+
+def evaluate_embedding_generation(
+    models: dict,  # output of `train_embedding_models`
+    tokenizer: WordTokenizer,
+    lm: nn.Module,  # fluency language model
+    config: LangFlowConfig,
+) -> dict:  # model -> steps -> metrics, "straightness", "speed"
+    "Fluency, diversity and time per sentence of the embedding-route samplers, from the same noise."
+    embedding = models["embedding"]
+    device = _device_of(models["rf1"])
+    noise = torch.randn(config.token_num_samples, config.max_words + 1, config.token_dim,
+                        generator=torch.Generator().manual_seed(config.seed + 10)).to(device)
+    ddpm_generator = lambda: torch.Generator().manual_seed(config.seed)
+    samplers = {"1-RF": lambda z, s: euler_sample(models["rf1"], z, s),
+                "2-RF": lambda z, s: euler_sample(models["rf2"], z, s),
+                "DDPM": lambda z, s: models["ddpm"].sample(z, s, generator=ddpm_generator())}
+    results = {}
+    for name, sampler in samplers.items():
+        results[name] = {}
+        grid = sorted({config.speed_steps, config.ddpm_sample_steps}) if name == "DDPM" else config.token_step_grid
+        for num_steps in grid:
+            samples, sample_seconds = _timed(sampler, noise, num_steps)
+            (ids, texts), decode_seconds = _timed(round_to_texts, embedding, tokenizer, samples)
+            results[name][num_steps] = {
+                "distinct": len(set(texts)) / len(texts), "ppl": lm_perplexity(lm, tokenizer, ids),
+                "words": float(np.mean([len(t.split()) for t in texts])),
+                "empty": float(np.mean([not t for t in texts])),
+                "ms_per_sentence": 1000 * (sample_seconds + decode_seconds) / len(texts), "examples": texts[:5]}
+    probe = noise[:32]
+    results["straightness"] = {"1-RF": straightness(models["rf1"], probe, 16),
+                               "2-RF": straightness(models["rf2"], probe, 16)}
+    decode = lambda x: round_to_texts(embedding, tokenizer, x)[1]
+    results["speed"] = time_generation(decode, {
+        "2-RF": lambda z: euler_sample(models["rf2"], z, config.speed_steps),
+        "DDPM": lambda z: models["ddpm"].sample(z, config.ddpm_sample_steps, generator=ddpm_generator())},
+        noise, config.token_timing_repeats)
+    return results
+
+# %% ../nbs/17_langflow.ipynb #f41e2249
 def _train_joint_phase(vae, stats, input_ids, config, progress):
     from alignbook.train import train
     velocity = _new_velocity(config)
@@ -1535,15 +1841,8 @@ def _train_joint_phase(vae, stats, input_ids, config, progress):
                  config.joint_steps, lr=config.vae_lr, progress=progress, seed=config.seed + 7, log_every=100)
 
 
-def run_experiment(
-    config: LangFlowConfig,
-    data_dir: str | None = None,
-    progress: bool = False,
-) -> dict:  # metrics, histories, trained models and the LanguageRectifiedFlow
-    "Run the whole E2E experiment of the chapter and return metrics and artefacts."
-    set_seed(config.seed)
-    seconds, out = {}, {}
-    data, seconds["data"] = _timed(prepare_e2e, config, data_dir)
+def _run_latent_experiment(config, data, eval_ids, out, seconds, progress):
+    "The latent route: VAE, fluency LM, classifier, generation flows, DDPM, transfer flows and their evaluations."
     tokenizer, train_ids = data["tokenizer"], data["train_ids"]
     train_texts = [r["text"] for r in data["train_rows"]]
     vae = TextVAE(len(tokenizer), config.latent_dim, config.backbone, config.embed_dim, config.hidden_size,
@@ -1556,11 +1855,10 @@ def run_experiment(
     latents_raw = encode_latents(vae, train_ids)  # (N, d)
     stats = LatentStats.from_latents(latents_raw)
     latents = stats.standardise(latents_raw)  # (N, d)
-    eval_ids = encode_batch(tokenizer, [r["text"] for r in data["eval_rows"]], config.max_words + 1,
-                            allow_unknown=True)
     rows = torch.randperm(len(train_ids), generator=torch.Generator().manual_seed(config.seed))
     out["reconstruction"] = {"train": reconstruction_accuracy(vae, train_ids[rows[: config.num_reconstruct]]),
                              "eval": reconstruction_accuracy(vae, eval_ids[: config.num_reconstruct])}
+    # the fluency LM is trained here, after the VAE, so the VAE's initialisation does not depend on it
     out["lm"], seconds["lm"] = _timed(train_fluency_lm, tokenizer, train_ids, config, progress)
     labels = _slot_labels(train_texts, config.control_slot).to(latents.device)
     classifier = LatentClassifier(config.latent_dim, len(E2E_SLOT_VALUES[config.control_slot]))
@@ -1577,7 +1875,7 @@ def run_experiment(
     speed_noise = torch.randn(config.num_samples, config.latent_dim,
                               generator=torch.Generator().manual_seed(config.seed + 10)).to(reference)
     ddpm_generator = lambda: torch.Generator().manual_seed(config.seed)
-    out["speed"] = time_generation(lf, {
+    out["speed"] = time_generation(lf.decode, {
         "2-RF": lambda z: euler_sample(out["models"]["rf2"], z, config.speed_steps),
         "DDPM": lambda z: out["models"]["ddpm"].sample(z, config.ddpm_sample_steps, generator=ddpm_generator())},
         speed_noise, config.timing_repeats)
@@ -1585,9 +1883,32 @@ def run_experiment(
                                                      classifier, config)
     out["transfers"], seconds["transfer_flows"] = _timed(train_transfer_flows, latents, train_texts, config, progress)
     out["editing"], seconds["eval_editing"] = _timed(evaluate_editing, lf, out["transfers"], data["eval_rows"], config)
+    out.update(lf=lf, classifier=classifier, latents=latents, reference=reference)
+
+
+def run_experiment(
+    config: LangFlowConfig,
+    data_dir: str | None = None,
+    progress: bool = False,
+) -> dict:  # metrics, histories, trained models and the LanguageRectifiedFlow
+    "Run the chapter's E2E experiment for the latent route, the embedding route or both; return metrics and models."
+    set_seed(config.seed)
+    seconds, out = {}, {}
+    data, seconds["data"] = _timed(prepare_e2e, config, data_dir)
+    tokenizer, train_ids = data["tokenizer"], data["train_ids"]
+    eval_ids = encode_batch(tokenizer, [r["text"] for r in data["eval_rows"]], config.max_words + 1,
+                            allow_unknown=True)
+    if config.representation in ("latent", "both"):
+        _run_latent_experiment(config, data, eval_ids, out, seconds, progress)
+    else:
+        out["lm"], seconds["lm"] = _timed(train_fluency_lm, tokenizer, train_ids, config, progress)
+    if config.representation in ("embedding", "both"):
+        out["embedding"], seconds["embedding_models"] = _timed(train_embedding_models, train_ids, len(tokenizer),
+                                                               config, progress)
+        out["embedding_generation"], seconds["eval_embedding"] = _timed(
+            evaluate_embedding_generation, out["embedding"], tokenizer, out["lm"], config)
     out["data_ppl"] = lm_perplexity(out["lm"], tokenizer, eval_ids[: config.num_samples])
-    out.update(lf=lf, classifier=classifier, latents=latents, reference=reference, seconds=seconds,
-               vocab_size=len(tokenizer), num_train=len(train_ids), num_eval=len(eval_ids))
+    out.update(seconds=seconds, vocab_size=len(tokenizer), num_train=len(train_ids), num_eval=len(eval_ids))
     return out
 
 # %% ../nbs/17_langflow.ipynb #78fece82
@@ -1736,6 +2057,12 @@ def _rounded(value, digits: int = 4):
     return value
 
 
+def _speedup(speed: dict, config: LangFlowConfig) -> dict:
+    return {"steps": f"2-RF with {config.speed_steps} vs DDPM with {config.ddpm_sample_steps}",
+            "total": speed["DDPM"]["total_ms"] / speed["2-RF"]["total_ms"],
+            "sampling_only": speed["DDPM"]["latent_ms"] / speed["2-RF"]["latent_ms"]}
+
+
 def reproduce(config) -> dict:
     "Run the E2E experiment for `config.preset`, save the figures and return the metrics."
     from alignbook.reproduce import save_figure
@@ -1744,28 +2071,33 @@ def reproduce(config) -> dict:
         # With models this small, extra threads mostly spin: one thread used less CPU time in our runs.
         torch.set_num_threads(1)
     out = run_experiment(lf_config, config.data_dir, progress=config.progress)
+    metrics = {"config": asdict(lf_config), "vocab_size": out["vocab_size"], "num_train": out["num_train"],
+               "num_eval": out["num_eval"], "data_ppl": out["data_ppl"], "stage_seconds": out["seconds"]}
 
-    setting = _setting(lf_config)
-    save_figure(config, plot_trajectories({"1-RF": out["models"]["rf1"], "2-RF": out["models"]["rf2"]},
-                                          out["reference"], title=f"Latent ODE paths ({setting})"), "trajectories")
-    save_figure(config, plot_quality_vs_steps(out["generation"], out["data_ppl"], out["data_w2"],
-                                              title=f"Sample quality vs steps ({setting})"), "quality_vs_steps")
-    save_figure(config, plot_edit_table(out["editing"]["examples"],
-                                        title=f"{lf_config.edit_source} -> {lf_config.edit_target} by transport"),
-                "edits")
-
-    speed = out["speed"]
-    return _rounded({
-        "config": asdict(lf_config), "vocab_size": out["vocab_size"], "num_train": out["num_train"],
-        "num_eval": out["num_eval"], "reconstruction": out["reconstruction"], "data_ppl": out["data_ppl"],
-        "data_w2": out["data_w2"],
-        "vae_final": {k: out["vae_history"][-1][k] for k in ("loss/rec", "loss/kl")},
-        "generation": out["generation"], "control": out["control"], "editing": out["editing"],
-        "stage_seconds": out["seconds"], "speed_ms_per_sentence": speed,
-        "speedup": {"steps": f"2-RF with {lf_config.speed_steps} vs DDPM with {lf_config.ddpm_sample_steps}",
-                    "total": speed["DDPM"]["total_ms"] / speed["2-RF"]["total_ms"],
-                    "latent_only": speed["DDPM"]["latent_ms"] / speed["2-RF"]["latent_ms"]},
-        "summary": {"metric": f"ms per sentence, sampling and decoding: 2-RF with {lf_config.speed_steps} steps vs "
-                              f"DDPM with {lf_config.ddpm_sample_steps}",
-                    "baseline": speed["DDPM"]["total_ms"], "method": speed["2-RF"]["total_ms"]},
-    })
+    if "generation" in out:
+        setting = _setting(lf_config)
+        save_figure(config, plot_trajectories({"1-RF": out["models"]["rf1"], "2-RF": out["models"]["rf2"]},
+                                              out["reference"], title=f"Latent ODE paths ({setting})"), "trajectories")
+        save_figure(config, plot_quality_vs_steps(out["generation"], out["data_ppl"], out["data_w2"],
+                                                  title=f"Sample quality vs steps ({setting})"), "quality_vs_steps")
+        save_figure(config, plot_edit_table(out["editing"]["examples"],
+                                            title=f"{lf_config.edit_source} -> {lf_config.edit_target} by transport"),
+                    "edits")
+        metrics.update({
+            "reconstruction": out["reconstruction"], "data_w2": out["data_w2"],
+            "vae_final": {k: out["vae_history"][-1][k] for k in ("loss/rec", "loss/kl")},
+            "generation": out["generation"], "control": out["control"], "editing": out["editing"],
+            "speed_ms_per_sentence": out["speed"], "speedup": _speedup(out["speed"], lf_config)})
+    if "embedding_generation" in out:
+        embedding = out["embedding_generation"]
+        metrics.update({"embedding": {k: v for k, v in embedding.items() if k != "speed"},
+                        "embedding_rounding_accuracy": out["embedding"]["rounding_accuracy"],
+                        "embedding_speed_ms_per_sentence": embedding["speed"],
+                        "embedding_speedup": _speedup(embedding["speed"], lf_config)})
+    # the summary row times the embedding route when it ran: there, as in Diffusion-LM, decoding is only rounding
+    route, speed = (("embedding", out["embedding_generation"]["speed"]) if "embedding_generation" in out
+                    else ("latent", out["speed"]))
+    metrics["summary"] = {"metric": f"ms per sentence, sampling and decoding ({route} route): 2-RF with "
+                                    f"{lf_config.speed_steps} steps vs DDPM with {lf_config.ddpm_sample_steps}",
+                          "baseline": speed["DDPM"]["total_ms"], "method": speed["2-RF"]["total_ms"]}
+    return _rounded(metrics)

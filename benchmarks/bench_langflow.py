@@ -1,23 +1,35 @@
 """Time per generated sentence: 2-rectified flow with 4 Euler steps versus the DDPM baseline with 200 steps.
 
-Both samplers use the small preset's network sizes (latent size 32, MLP 256 x 3) and the same GRU decoder, and
-are timed in the same process, so the printed ratios do not depend on the machine's absolute speed. Decoding is
-timed twice: with `TextVAE.generate` (cached input gates, finished rows leave the batch) and with a reference
-loop that calls `nn.GRU` on [embedding; z] for every word and keeps the whole batch until the last row ends.
+Both representations of the chapter are timed, each against its own DDPM anchor measured in the same process, so
+the printed ratios do not depend on the machine's absolute speed.
 
-Weights are untrained. The cost of a step does not depend on the weights, but the untrained decoder seldom emits
-the end-of-sentence id, so its sentences are longer than the 21 to 22 ids that the trained small-preset decoder
-emits on average (the script prints the mean length). The decoding times are therefore upper bounds and the
-end-to-end ratios lower bounds; the reproduction (`alignbook reproduce langflow`) times trained models.
+Latent route: the small preset's network sizes (latent size 32, MLP 256 x 3) and the same GRU decoder for both
+samplers. Decoding is timed twice: with `TextVAE.generate` (cached input gates, finished rows leave the batch) and
+with a reference loop that calls `nn.GRU` on [embedding; z] for every word and keeps the whole batch until the last
+row ends.
 
-Run: python benchmarks/bench_langflow.py [--sentences 400] [--repeats 5]
+Embedding route: (n, 16) token embeddings with n = 33 positions, `VelocityTransformer` networks of the small
+preset's size (2 layers, width 128, 4 heads) for the flow and for the DDPM, and decoding by tied-softmax rounding
+followed by detokenising (`round_to_texts`).
+
+Weights are untrained. The cost of a network call does not depend on the weights. The untrained GRU decoder,
+however, seldom emits the end-of-sentence id, so its sentences are longer than the 21 to 22 ids that the trained
+small-preset decoder emits on average (the script prints the mean length). The latent decoding times are therefore
+upper bounds and the latent end-to-end ratios lower bounds. Rounding is one (n d) x V product per sentence for
+any weights, and only the detokenising depends on where the end-of-sentence id falls. The reproduction
+(`alignbook reproduce langflow`) times trained models.
+
+Run: python benchmarks/bench_langflow.py [--sentences 400] [--embedding-sentences 64] [--repeats 5]
 """
 import argparse
 import time
 
 import torch
 
-from alignbook.langflow import DiffusionBaseline, LangFlowConfig, TextVAE, VelocityMLP, euler_sample
+from alignbook.langflow import (
+    DiffusionBaseline, LangFlowConfig, TextVAE, TokenEmbedding, VelocityMLP, VelocityTransformer, WordTokenizer,
+    euler_sample, round_to_texts,
+)
 
 
 def best_of(fn, repeats: int) -> float:
@@ -55,6 +67,8 @@ def stepwise_generate(vae: TextVAE, z: torch.Tensor) -> torch.Tensor:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sentences", type=int, default=400, help="sentences generated per timing")
+    parser.add_argument("--embedding-sentences", type=int, default=64,
+                        help="sentences generated per timing of the embedding route (its DDPM is slower per call)")
     parser.add_argument("--repeats", type=int, default=5, help="timings per measurement; the minimum is reported")
     parser.add_argument("--vocab-size", type=int, default=1000, help="decoder vocabulary (E2E small preset: ~1,000)")
     args = parser.parse_args()
@@ -89,6 +103,37 @@ def main():
           f"{(ddpm_latent + decode_stepwise) / (rf_latent + decode_stepwise):.1f}x")
     # (ddpm + decode) / (rf + decode) >= 20 is true exactly when decode <= (ddpm - 20 rf) / 19
     print(f"an end-to-end ratio of 20x needs decoding under {ms((ddpm_latent - 20 * rf_latent) / 19):.4f}")
+    embedding_ratio = time_embedding_route(config, args)
+    print(f"end-to-end ratio DDPM / 2-RF, latent route (generate): {(ddpm_latent + decode) / (rf_latent + decode):.1f}x; "
+          f"embedding route: {embedding_ratio:.1f}x")
+
+
+@torch.no_grad()
+def time_embedding_route(config: LangFlowConfig, args) -> float:
+    "Print the embedding route's timings and return its end-to-end ratio DDPM / 2-RF."
+    seq_len = config.max_words + 1
+    make_network = lambda: VelocityTransformer(config.token_dim, seq_len, config.token_hidden, config.token_layers,
+                                               config.token_heads, config.token_ff).eval()
+    velocity = make_network()
+    ddpm = DiffusionBaseline(config.token_dim, denoiser=make_network()).eval()
+    tokenizer = WordTokenizer([f"w{i}" for i in range(args.vocab_size - 4)])  # 4 special tokens come first
+    embedding = TokenEmbedding(len(tokenizer), config.token_dim)
+    noise = torch.randn(args.embedding_sentences, seq_len, config.token_dim)
+    repeats = min(args.repeats, 3)  # one DDPM run of 64 sentences takes seconds
+    rf = best_of(lambda: euler_sample(velocity, noise, 4), repeats)
+    diffusion = best_of(lambda: ddpm.sample(noise, config.ddpm_sample_steps), repeats)
+    samples = euler_sample(velocity, noise, 4)
+    rounding = best_of(lambda: round_to_texts(embedding, tokenizer, samples), repeats)
+
+    ms = lambda seconds: 1000 * seconds / args.embedding_sentences
+    print(f"embedding route, {args.embedding_sentences} sentences of {seq_len} positions, best of {repeats}")
+    print(f"2-RF, 4 Euler steps:          sampling {ms(rf):.4f}")
+    print(f"DDPM, {config.ddpm_sample_steps} steps:             sampling {ms(diffusion):.4f}")
+    print(f"rounding and detokenising:    {ms(rounding):.4f}")
+    print(f"sampling-only ratio DDPM / 2-RF: {diffusion / rf:.1f}x")
+    ratio = (diffusion + rounding) / (rf + rounding)
+    print(f"end-to-end ratio DDPM / 2-RF, embedding route: {ratio:.1f}x")
+    return ratio
 
 
 if __name__ == "__main__":
