@@ -5,6 +5,7 @@ masked form. Further tests cover token skipping, the FLOPs model against FlopCou
 policy's log-probabilities, the constrained updates, the baselines, and tiny runs of every preset.
 """
 import copy
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,8 +20,8 @@ from alignbook.reproduce import ReproduceConfig
 from alignbook.switchable import (
     AgentObjective, SkipAgent, SwitchableClassifier, SwitchableConfig, SwitchableSeq2Seq, all_patterns,
     decision_table, dynamic_barrier_direction, early_exit_curve, flops_fraction, gather_kept_tokens,
-    kept_token_order, load_text_classification, model_flops, pattern_index, reproduce, rouge_l, run_e2e, skip_forward, skip_predict,
-    static_baselines, static_envelope, table_outcomes, train_agent,
+    kept_token_order, load_text_classification, model_flops, pattern_index, reproduce, rouge_l, run_e2e, skip_forward,
+    skip_predict, static_baselines, static_envelope, table_outcomes, train_agent, train_backbone,
 )
 
 
@@ -230,6 +231,26 @@ def test_policy_on_table_lowers_cost(bert_inputs):
                     dataset={"input_ids": ids, "attention_mask": mask, "labels": torch.zeros(6, dtype=torch.long)})
 
 
+def test_backbone_early_stopping_keeps_best(bert_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    labels = torch.tensor([0, 1, 2, 0, 1, 2])
+    train = {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    validation = {"input_ids": ids.flip(0), "attention_mask": mask.flip(0), "labels": labels}  # other label per row
+    history = train_backbone(model, steps=40, batch_size=6, lr=3e-2, dataset=train, validation=validation,
+                             eval_every=5)
+    losses = [r["loss/validation"] for r in history if "loss/validation" in r]
+    assert len(losses) == 8
+    best = min(range(8), key=lambda i: losses[i])
+    assert history[-1]["best_step"] == 5 * (best + 1)
+    model.eval()
+    with torch.no_grad():
+        h1, _ = model.first_layer(ids.flip(0), mask.flip(0))
+        restored = float(model.instance_losses(h1, validation).mean())
+    assert restored == pytest.approx(losses[best], abs=1e-5)
+    assert losses[-1] > losses[best]                                                    # memorising the swap hurts
+
+
 def test_budget_form_activates_barrier(bert_inputs):
     ids, mask = bert_inputs
     model = _bert()
@@ -239,6 +260,22 @@ def test_budget_form_activates_barrier(bert_inputs):
     assert history[0]["constraint/ema"] > 0                                              # cost ~0.9 > budget 0.3
     assert history[0]["lambda"] > 0
     assert history[-1]["cost/mean"] < history[0]["cost/mean"]
+
+
+def test_budget_below_sampling_floor(bert_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    table = decision_table(model, ids.repeat(8, 1), mask.repeat(8, 1), torch.tensor([0, 1, 2, 0, 1, 2]).repeat(8))
+    layer1_only = float(table["cost_table"][:, 0].mean())
+    floor = layer1_only + 0.2 * (1 - layer1_only)                                       # every candidate kept w.p. 0.2
+    budget = (layer1_only + floor) / 2
+    base = SwitchableConfig(constraint="budget", budget=budget, lr=3e-2, steps=150, batch_size=32)
+    _, greedy = train_agent(model, base, table=table)
+    assert greedy[-1]["cost/greedy"] <= budget
+    assert greedy[-1]["lambda"] < 1e3
+    _, sampled = train_agent(model, replace(base, constraint_on="sampled"), table=table)
+    assert sampled[-1]["cost/mean"] > budget                                            # unreachable when sampled
+    assert sampled[-1]["constraint/ema"] > 0
 
 
 def test_skip_predict_matches_table(bert_inputs):
