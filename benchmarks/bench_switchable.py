@@ -3,9 +3,11 @@
 The anchor is the full model run through the same skip path with every gate on, measured in the same run. The
 script prints, per configuration, the measured time ratio (skip / full) next to the analytic FLOPs ratio; the
 goal is a speed-up close to the FLOPs saving. Rows cover sub-layer skipping and token skipping on a BERT encoder,
-and sub-layer plus token skipping on a BART encoder-decoder (teacher-forced logits).
+and sub-layer plus token skipping on a BART encoder-decoder (teacher-forced logits). The "budget" rows give every
+instance its own random decision vector with mean FLOPs near `--budget`, as a trained policy does, so the skip
+path pays for grouping instances by decision vector.
 
-Usage: python benchmarks/bench_switchable.py [--repeats 30] [--width 256] [--layers 6] [--length 128]
+Usage: python benchmarks/bench_switchable.py [--repeats 30] [--width 256] [--layers 6] [--length 128] [--budget 0.5]
 """
 import argparse
 import platform
@@ -54,6 +56,25 @@ def bench_encoder(args, generator) -> None:
             kept_lengths = None if keep is None else keep.sum(-1)
             flops = float(flops_fraction(model, mask.sum(-1), decisions, kept_lengths).mean())
             print(_row(f"{batch_size}, {kept}/{J}, {token_fraction:.0%}", flops, skip_time, full_time))
+        decisions = _budget_decisions(model, mask, args.budget, generator)
+        skip_time = _time(lambda: skip_forward(model, ids, mask, decisions), args.repeats)
+        flops = float(flops_fraction(model, mask.sum(-1), decisions).mean())
+        groups = len(torch.unique(decisions, dim=0))
+        print(_row(f"{batch_size}, budget {args.budget} ({groups} distinct vectors), 100%", flops, skip_time, full_time))
+
+
+def _budget_decisions(model, mask, budget: float, generator) -> torch.Tensor:
+    "Random per-instance decisions whose keep probability is bisected so the mean FLOPs fraction is near `budget`."
+    low, high = 0.0, 1.0
+    uniform = torch.rand(mask.shape[0], model.num_decisions, generator=generator)
+    for _ in range(30):
+        keep_probability = (low + high) / 2
+        decisions = (uniform < keep_probability).float()
+        if float(flops_fraction(model, mask.sum(-1), decisions).mean()) > budget:
+            high = keep_probability
+        else:
+            low = keep_probability
+    return (uniform < low).float()
 
 
 def bench_seq2seq(args, generator) -> None:
@@ -87,7 +108,10 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=256, help="hidden size D (FFN is 4D)")
     parser.add_argument("--layers", type=int, default=6, help="encoder layers of the BERT model")
     parser.add_argument("--length", type=int, default=128, help="source tokens per instance")
+    parser.add_argument("--budget", type=float, default=0.5, help="mean FLOPs fraction of the per-instance rows")
     args = parser.parse_args()
+    if not 0 < args.budget <= 1:
+        parser.error(f"--budget must lie in (0, 1], got {args.budget}.")
     torch.manual_seed(0)
     generator = torch.Generator().manual_seed(0)
     print(f"machine: {platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "
