@@ -168,6 +168,10 @@ def write_summary(
     store = out_dir / "summary.json"
     rows = json.loads(store.read_text()) if store.exists() else []
     new = {(r.chapter, preset): _summary_row(r, preset) for r in results}
+    for row in rows:  # a failed run keeps the last successful row, whose metrics.json and figures are still there
+        key = (row["chapter"], row["preset"])
+        if key in new and new[key]["status"] == "failed" and row["status"] == "ok":
+            new[key] = {**row, "latest_failure": new[key]["error"]}
     rows = [row for row in rows if (row["chapter"], row["preset"]) not in new] + list(new.values())
     order = {name: i for i, name in enumerate(CHAPTERS)}
     presets = {name: i for i, name in enumerate(PRESETS)}
@@ -178,11 +182,16 @@ def write_summary(
              "|---|---|---|---|---|---|---|"]
     for row in rows:
         s = row["summary"]
-        lines.append(f"| {row['chapter']} | {row['preset']} | {row['status']} | {s.get('metric', '–')} | "
+        status = "ok, latest run failed" if row.get("latest_failure") else row["status"]
+        lines.append(f"| {row['chapter']} | {row['preset']} | {status} | {s.get('metric', '–')} | "
                      f"{_format_value(s.get('baseline'))} | {_format_value(s.get('method'))} | {row['seconds']:.1f} |")
     for row in rows:
         if row["status"] == "failed":
             lines += ["", f"## {row['chapter']} ({row['preset']}) failed", "", "```", row["error"].strip(), "```"]
+        elif row.get("latest_failure"):
+            lines += ["", f"## {row['chapter']} ({row['preset']}): latest run failed",
+                      "", "The row above and its files are from the last successful run.",
+                      "", "```", row["latest_failure"].strip(), "```"]
     path = out_dir / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
