@@ -23,25 +23,48 @@ from .core import check_shape, get_logger, lcs_length, set_seed
 logger = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'MAX_TABLE_DECISIONS', 'EASY', 'HARD', 'PAD_ID', 'CLS_ID', 'UNK_ID', 'TEXT_SWEEP', 'TOY_SWEEP', 'S2S_PAD',
-           'S2S_BOS', 'S2S_UNK', 'S2S_EOS', 'SwitchableClassifier', 'skip_forward', 'sublayer_flops', 'model_flops',
-           'flops_fraction', 'all_patterns', 'pattern_index', 'decision_table', 'kept_token_order',
-           'gather_kept_tokens', 'SwitchableConfig', 'SkipAgent', 'score_function_surrogate',
-           'dynamic_barrier_direction', 'AgentObjective', 'pointer_lookup_batch', 'toy_model', 'train_backbone',
-           'train_agent', 'word_tokenize', 'build_word_vocab', 'encode_texts', 'load_text_classification', 'text_model',
-           'table_outcomes', 'static_baselines', 'early_exit_curve', 'static_envelope', 'skip_predict', 'agent_flops',
-           'latency_per_example', 'evaluate_policies', 'run_text_classification', 'plot_tradeoff', 'best_policy',
-           'plot_adaptivity', 'run_toy', 'SwitchableSeq2Seq', 'WordSeq2SeqTokenizer', 'rouge_l', 'load_e2e_seq2seq',
-           'e2e_model', 'pretrained_seq2seq', 'evaluate_generation', 'seq2seq_layer_drop', 'run_e2e', 'reproduce']
+__all__ = ['logger', 'SUPPORTED_ENCODER_TYPES', 'MAX_TABLE_DECISIONS', 'EASY', 'HARD', 'PAD_ID', 'CLS_ID', 'UNK_ID', 'TEXT_SWEEP',
+           'TOY_SWEEP', 'SUPPORTED_SEQ2SEQ_TYPES', 'S2S_PAD', 'S2S_BOS', 'S2S_UNK', 'S2S_EOS', 'SwitchableClassifier',
+           'skip_forward', 'sublayer_flops', 'model_flops', 'flops_fraction', 'all_patterns', 'pattern_index',
+           'decision_table', 'kept_token_order', 'gather_kept_tokens', 'SwitchableConfig', 'SkipAgent',
+           'score_function_surrogate', 'dynamic_barrier_direction', 'AgentObjective', 'pointer_lookup_batch',
+           'toy_model', 'train_backbone', 'train_agent', 'word_tokenize', 'build_word_vocab', 'encode_texts',
+           'load_text_classification', 'text_model', 'table_outcomes', 'static_baselines', 'early_exit_curve',
+           'static_envelope', 'skip_predict', 'agent_flops', 'latency_per_example', 'evaluate_policies',
+           'run_text_classification', 'plot_tradeoff', 'best_policy', 'plot_adaptivity', 'run_toy', 'SwitchableSeq2Seq',
+           'WordSeq2SeqTokenizer', 'rouge_l', 'load_e2e_seq2seq', 'e2e_model', 'pretrained_seq2seq',
+           'evaluate_generation', 'seq2seq_layer_drop', 'run_e2e', 'reproduce']
 
 # %% ../nbs/16_switchable.ipynb #8d065f6f
+SUPPORTED_ENCODER_TYPES = ("bert", "roberta", "electra")  # post-LN layers whose children the gated forward reuses
+
 def _encoder_layers(backbone: nn.Module):
+    config = getattr(backbone, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ENCODER_TYPES:
+        raise ValueError(f"{type(backbone).__name__} (model_type {model_type!r}) is not supported; supported model "
+                         f"types are {list(SUPPORTED_ENCODER_TYPES)}. Other encoders, for example pre-LN ones such as "
+                         "roberta-prelayernorm, order LayerNorm and residual differently, so the gated forward would "
+                         "compute wrong outputs.")
+    if model_type == "electra" and config.embedding_size != config.hidden_size:
+        raise ValueError(f"ELECTRA with embedding_size {config.embedding_size} != hidden_size {config.hidden_size} is "
+                         "not supported because the wrapper does not apply its embedding projection; use a checkpoint "
+                         "whose embedding_size equals hidden_size.")
     layers = getattr(getattr(backbone, "encoder", None), "layer", None)
     if layers is None or len(layers) < 2 or not all(hasattr(l, n) for l in layers for n in ("attention", "intermediate", "output")):
         raise ValueError(f"{type(backbone).__name__} does not have BERT-style encoder layers "
-                         "(encoder.layer[i] with attention, intermediate and output); use BertModel, RobertaModel "
-                         "or another encoder with that layout and at least 2 layers.")
+                         "(encoder.layer[i] with attention, intermediate and output) or has fewer than 2 layers; pass the "
+                         "base model (BertModel, RobertaModel or ElectraModel) with at least 2 layers.")
     return layers
+
+def _hard_gates(name: str, gates: Tensor, dtype: torch.dtype) -> Tensor:
+    "Convert keep gates of any bool, integer or float dtype to `dtype`, raising unless every value is 0 or 1."
+    if gates.dtype != torch.bool:
+        invalid = (gates != 0) & (gates != 1)                                            # NaN counts as invalid
+        if invalid.any():
+            raise ValueError(f"{name} must contain only hard keep decisions 0 or 1, got {gates[invalid][0].item()}; "
+                             "threshold the probabilities first (for example probs > 0.5).")
+    return gates.to(dtype)
 
 class SwitchableClassifier(nn.Module):
     "A BERT-style Hugging Face encoder with per-instance gates on the attention and FFN sub-layers of layers 2..L."
@@ -90,9 +113,11 @@ class SwitchableClassifier(nn.Module):
         B, n = attention_mask.shape
         if decisions is not None:
             check_shape("decisions", decisions, (B, self.num_decisions))
+            decisions = _hard_gates("decisions", decisions, h1.dtype)
         keep_tokens, mask = 1.0, self._mask(h1, attention_mask)
         if token_keep is not None:
             check_shape("token_keep", token_keep, (B, n))
+            token_keep = _hard_gates("token_keep", token_keep, attention_mask.dtype)
             if not torch.all(token_keep[:, 0] == 1):
                 raise ValueError("token_keep must keep position 0 ([CLS]), which the classifier reads.")
             token_keep = token_keep * attention_mask
@@ -300,6 +325,7 @@ class SwitchableConfig:
     steps: int = 1500
 
     def __post_init__(self):
+        self._check_types()
         if self.method not in ("barrier", "lagrangian", "penalty"):
             raise ValueError(f"Unknown method {self.method!r}; valid values are ['barrier', 'lagrangian', 'penalty'].")
         if self.constraint not in ("quality", "budget"):
@@ -317,6 +343,27 @@ class SwitchableConfig:
         if self.steps < 1 or self.batch_size < 2:
             raise ValueError(f"steps must be >= 1 and batch_size >= 2 (leave-one-out baseline), got steps={self.steps}, "
                              f"batch_size={self.batch_size}.")
+        if self.agent_hidden < 1:
+            raise ValueError(f"agent_hidden must be >= 1, got {self.agent_hidden}.")
+        for name in ("eps", "barrier_alpha", "dual_lr", "penalty_mu"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be non-negative, got {getattr(self, name)}.")
+        for name in ("lr", "barrier_delta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}.")
+        if not 0 <= self.ema <= 1:
+            raise ValueError(f"ema must lie in [0, 1], got {self.ema}.")
+
+    def _check_types(self) -> None:
+        for name in ("agent_hidden", "batch_size", "steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}.")
+        for name in ("init_keep_bias", "explore_bound", "entropy_coef", "eps", "budget", "barrier_alpha",
+                     "barrier_delta", "dual_lr", "penalty_mu", "ema", "lr"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}.")
 
     @classmethod
     def small(cls) -> "SwitchableConfig":
@@ -654,6 +701,9 @@ def load_text_classification(
     from alignbook.data import FEWSHOT_SEEDS, FEWSHOT_TASKS, load_fewshot
     if task not in FEWSHOT_TASKS:
         raise ValueError(f"Unknown task {task!r}; valid tasks are {sorted(FEWSHOT_TASKS)}.")
+    for name, count in (("n_policy", n_policy), ("n_test", n_test)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            raise ValueError(f"{name} must be a positive integer, got {count!r}.")
     pool = {}
     # AG News uses its 7,600-sentence test file alone: it is large enough, and the recorded results use that pool.
     for split_seed in FEWSHOT_SEEDS if task != "agnews" else ():
@@ -692,7 +742,7 @@ def table_outcomes(
 ) -> dict:  # accuracy, flops (means) and per-instance correct, cost (N,)
     "Accuracy and FLOPs fraction of per-instance decisions, looked up in a decision table."
     check_shape("decisions", decisions, (len(table["labels"]), table["correct"].shape[1].bit_length() - 1))
-    index = pattern_index(decisions).unsqueeze(1)                                        # (N, 1)
+    index = pattern_index(_hard_gates("decisions", decisions, torch.long)).unsqueeze(1)                                        # (N, 1)
     correct = table["correct"].gather(1, index).squeeze(1)
     cost = table["cost_table"].gather(1, index).squeeze(1)
     return {"accuracy": float(correct.mean()), "flops": float(cost.mean()), "correct": correct, "cost": cost}
@@ -985,6 +1035,7 @@ def _skip_path_check(results: dict, model: SwitchableClassifier, test: dict, lat
     results["latency"] = latency_per_example(model, agent, test, latency_examples)
 
 # %% ../nbs/16_switchable.ipynb #0fbccd48
+SUPPORTED_SEQ2SEQ_TYPES = ("bart", "t5")
 _BART_ENCODER_CHILDREN = ("self_attn", "self_attn_layer_norm", "fc1", "fc2", "final_layer_norm")
 _BART_DECODER_CHILDREN = _BART_ENCODER_CHILDREN + ("encoder_attn", "encoder_attn_layer_norm")
 
@@ -997,20 +1048,26 @@ def _is_t5_block(block, decoder: bool) -> bool:
 
 def _seq2seq_stacks(model: nn.Module) -> tuple[str, nn.Module, nn.Module]:
     "The architecture ('bart' or 't5') and the encoder and decoder stacks of a Hugging Face seq2seq model."
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_SEQ2SEQ_TYPES:
+        # mBART, Pegasus and Marian have BART's children but pre-LN layers or other embeddings.
+        raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) is not supported; supported model types "
+                         f"are {list(SUPPORTED_SEQ2SEQ_TYPES)}. Use BartForConditionalGeneration or "
+                         "T5ForConditionalGeneration.")
     inner = getattr(model, "model", None)
     encoder, decoder = getattr(inner, "encoder", None), getattr(inner, "decoder", None)
     enc_layers, dec_layers = getattr(encoder, "layers", None), getattr(decoder, "layers", None)
-    if enc_layers is not None and dec_layers is not None and len(enc_layers) >= 2 and len(dec_layers) >= 1 \
+    if model_type == "bart" and enc_layers is not None and dec_layers is not None and len(enc_layers) >= 2 and len(dec_layers) >= 1 \
             and all(hasattr(l, c) for l in enc_layers for c in _BART_ENCODER_CHILDREN) \
             and all(hasattr(l, c) for l in dec_layers for c in _BART_DECODER_CHILDREN):
         return "bart", encoder, decoder
     encoder, decoder = getattr(model, "encoder", None), getattr(model, "decoder", None)
     enc_blocks, dec_blocks = getattr(encoder, "block", None), getattr(decoder, "block", None)
-    if enc_blocks is not None and dec_blocks is not None and len(enc_blocks) >= 2 and len(dec_blocks) >= 1 \
+    if model_type == "t5" and enc_blocks is not None and dec_blocks is not None and len(enc_blocks) >= 2 and len(dec_blocks) >= 1 \
             and all(_is_t5_block(b, False) for b in enc_blocks) and all(_is_t5_block(b, True) for b in dec_blocks) \
             and hasattr(model, "lm_head"):
         return "t5", encoder, decoder
-    raise ValueError(f"{type(model).__name__} has neither BART-style nor T5-style encoder and decoder layers. "
+    raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) lacks the expected encoder and decoder layers. "
                      "BART-style means model.encoder.layers with self_attn, fc1, fc2 and their LayerNorms, and decoder "
                      "layers that add encoder_attn. T5-style means encoder.block[i].layer = [self-attention, FFN] and "
                      "decoder blocks [self-attention, cross-attention, FFN]. Both need at least 2 encoder layers. Use "
@@ -1185,10 +1242,12 @@ def forward_rest(self: SwitchableSeq2Seq, h1: Tensor, attention_mask: Tensor, de
         gates = [True] * self.num_decisions
     else:
         check_shape("decisions", decisions, (B, self.num_decisions))
+        decisions = _hard_gates("decisions", decisions, h1.dtype)
         gates = [decisions[:, j, None, None] for j in range(self.num_decisions)]          # (B, 1, 1) each
     keep_tokens, key_mask = None, attention_mask
     if token_keep is not None:
         check_shape("token_keep", token_keep, (B, n))
+        token_keep = _hard_gates("token_keep", token_keep, attention_mask.dtype)
         if not torch.all(token_keep[:, 0] == 1):
             raise ValueError("token_keep must keep position 0 (the first source token), so every instance keeps one.")
         key_mask = token_keep * attention_mask
@@ -1246,8 +1305,14 @@ def generate(
 ) -> Tensor:  # (B, 1 + max_new_tokens) ids starting with decoder_start_token_id, padded after EOS
     "Greedy decoding on the skip path; the decisions hold for every step."
     config = self.model.config
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be a non-negative integer, got {max_new_tokens!r}.")
     decisions = torch.ones(len(input_ids), self.num_decisions) if decisions is None else decisions
     check_shape("decisions", decisions, (input_ids.shape[0], self.num_decisions))
+    decisions = _hard_gates("decisions", decisions, torch.float32)
+    if token_keep is not None:
+        check_shape("token_keep", token_keep, tuple(attention_mask.shape))
+        token_keep = _hard_gates("token_keep", token_keep, attention_mask.dtype)
     out = torch.full((len(input_ids), 1 + max_new_tokens), config.pad_token_id)
     out[:, 0] = config.decoder_start_token_id
     for pattern in torch.unique(decisions, dim=0):
@@ -1539,14 +1604,57 @@ def run_e2e(
             "latency": _generation_latency(model, agent, test, latency_examples, max_new_tokens)}
 
 # %% ../nbs/16_switchable.ipynb #e537b8eb
+_PRESET_OPTIONS = {  # --set options of each preset and their defaults
+    "small": {"agent_steps": 1000, "toy_backbone_steps": 900, "backbone_steps": 300, "task": "agnews"},
+    "real": {"agent_steps": 200, "backbone_steps": 800, "n_test": 100, "n_validation": 256, "lr": None,
+             "model_name": None},
+    "paper": {"agent_steps": 1500, "backbone_steps": 5000, "n_test": 100, "n_validation": 256, "lr": None,
+              "model_name": "facebook/bart-large"},
+}
+
+def _positive_int(name: str, value) -> int:
+    "An integer >= 1 given as int or as a string of digits; floats, bools and other text raise ValueError."
+    if isinstance(value, str) and re.fullmatch(r"\s*\+?\d+\s*", value):
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Option {name} must be a positive integer, got {value!r}; pass --set {name}=<integer >= 1>.")
+    return value
+
+def _preset_options(config) -> dict:
+    "Check every `--set` option of the preset before any training and return them merged with the defaults."
+    from alignbook.data import FEWSHOT_TASKS
+    defaults = _PRESET_OPTIONS[config.preset]
+    unknown = sorted(str(k) for k in config.options if k not in defaults)
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown} for the switchable chapter with preset {config.preset!r}; "
+                         f"valid options are {sorted(defaults)}.")
+    options = {**defaults, **config.options}
+    for name in ("agent_steps", "toy_backbone_steps", "backbone_steps", "n_test", "n_validation"):
+        if name in options:
+            options[name] = _positive_int(name, options[name])
+    if "task" in options and options["task"] not in FEWSHOT_TASKS:
+        raise ValueError(f"Option task must be one of {sorted(FEWSHOT_TASKS)}, got {options['task']!r}.")
+    lr = options.get("lr")
+    if lr is not None:
+        if isinstance(lr, str):
+            try:
+                lr = float(lr)
+            except ValueError:
+                pass
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
+            raise ValueError(f"Option lr must be a positive number, got {options['lr']!r}.")
+        options["lr"] = float(lr)
+    if "model_name" in options and options["model_name"] is not None and not isinstance(options["model_name"], str):
+        raise ValueError(f"Option model_name must be a checkpoint name or path, got {options['model_name']!r}.")
+    return options
+
 def _reproduce_small(config) -> dict:
     from alignbook.reproduce import save_figure
-    options = config.options
-    cfg = replace(SwitchableConfig.small(), steps=int(options.get("agent_steps", 1000)))
-    toy = run_toy(int(options.get("toy_backbone_steps", 900)), cfg, seed=config.seed, progress=config.progress)
-    task = options.get("task", "agnews")
-    text = run_text_classification(task, int(options.get("backbone_steps", 300)), cfg, seed=config.seed,
-                                   progress=config.progress)
+    options = _preset_options(config)
+    cfg = replace(SwitchableConfig.small(), steps=options["agent_steps"])
+    toy = run_toy(options["toy_backbone_steps"], cfg, seed=config.seed, progress=config.progress)
+    task = options["task"]
+    text = run_text_classification(task, options["backbone_steps"], cfg, seed=config.seed, progress=config.progress)
     for name, results, label in (("toy", toy, "EASY"), (task, text, "easy (layer 1 alone correct)")):
         save_figure(config, plot_tradeoff(results, f"{name}, BERT 4x64, seed {config.seed}"), f"accuracy_vs_flops_{name}")
         for index in sorted({0, best_policy(results)}):
@@ -1563,14 +1671,13 @@ def _reproduce_small(config) -> dict:
                         "baseline": chosen["static_envelope_at_same_flops"], "method": chosen["accuracy"]},
             "toy": clean(toy), task: clean(text)}
 
-def _reproduce_e2e(config, model_name) -> dict:
-    options = config.options
-    backbone_steps, agent_steps = {"real": (800, 200), "paper": (5000, 1500)}[config.preset]
+def _reproduce_e2e(config) -> dict:
+    options = _preset_options(config)
+    model_name = options["model_name"]
     default_lr = 1e-3 if model_name is None else 3e-5  # from scratch vs fine-tuning a checkpoint (ours)
-    results = run_e2e(model_name, int(options.get("backbone_steps", backbone_steps)),
-                      int(options.get("agent_steps", agent_steps)), n_test=int(options.get("n_test", 100)),
-                      n_validation=int(options.get("n_validation", 256)), lr=float(options.get("lr", default_lr)),
-                      seed=config.seed, progress=config.progress)
+    lr = default_lr if options["lr"] is None else options["lr"]
+    results = run_e2e(model_name, options["backbone_steps"], options["agent_steps"], n_test=options["n_test"],
+                      n_validation=options["n_validation"], lr=lr, seed=config.seed, progress=config.progress)
     results.pop("history")
     return {"summary": {"metric": "E2E test ROUGE-L at the policy's mean FLOPs (full model vs switchable)",
                         "baseline": results["full"]["rouge_l"], "method": results["policy"]["rouge_l"]}, **results}
@@ -1579,6 +1686,4 @@ def reproduce(config) -> dict:
     "Run the switchable-decision reproduction for `config.preset` and return its metrics (figures go to run_dir)."
     if config.preset == "small":
         return _reproduce_small(config)
-    if config.preset == "real":
-        return _reproduce_e2e(config, config.options.get("model_name"))
-    return _reproduce_e2e(config, config.options.get("model_name", "facebook/bart-large"))
+    return _reproduce_e2e(config)

@@ -13,7 +13,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import (
-    BartConfig, BartForConditionalGeneration, BertConfig, BertModel, T5Config, T5ForConditionalGeneration,
+    BartConfig, BartForConditionalGeneration, BertConfig, BertModel, ElectraConfig, ElectraModel, MarianConfig,
+    MarianMTModel, MBartConfig, MBartForConditionalGeneration, PegasusConfig, PegasusForConditionalGeneration,
+    RobertaConfig, RobertaModel, RobertaPreLayerNormConfig, RobertaPreLayerNormModel, T5Config,
+    T5ForConditionalGeneration,
 )
 
 from alignbook.reproduce import ReproduceConfig
@@ -407,9 +410,9 @@ def test_bad_inputs_raise():
         SwitchableConfig(budget=1.5)
     with pytest.raises(ValueError, match="budget"):
         SwitchableConfig(budget=0.0)
-    with pytest.raises(ValueError, match="BERT-style"):
+    with pytest.raises(ValueError, match="not supported"):
         SwitchableClassifier(nn.Linear(2, 2), 2)
-    with pytest.raises(ValueError, match="BART-style nor T5-style"):
+    with pytest.raises(ValueError, match="not supported"):
         SwitchableSeq2Seq(nn.Linear(2, 2))
     one_block = _t5()
     one_block.encoder.block = one_block.encoder.block[:1]
@@ -485,3 +488,131 @@ def test_reproduce_paper_preset_loads_checkpoint(tmp_path: Path, arch):
     assert paper["model_name"] == str(folder)
     assert paper["full"]["flops"] == pytest.approx(1.0)
     assert 0 < paper["policy"]["flops"] <= 1
+
+
+_ENCODER_SIZES = dict(vocab_size=40, hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=64,
+                      max_position_embeddings=40, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+_SEQ2SEQ_SIZES = dict(vocab_size=30, d_model=32, encoder_layers=2, decoder_layers=1, encoder_attention_heads=4,
+                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
+                      pad_token_id=0, decoder_start_token_id=1)
+
+
+@pytest.mark.parametrize("backbone", [
+    lambda: RobertaModel(RobertaConfig(**_ENCODER_SIZES, pad_token_id=1), add_pooling_layer=False),
+    lambda: ElectraModel(ElectraConfig(**_ENCODER_SIZES, embedding_size=32)),
+])
+def test_roberta_electra_all_on_equal_hf(backbone):
+    torch.manual_seed(0)
+    hf = backbone().eval()
+    model = SwitchableClassifier(hf, num_labels=2).eval()
+    ids = torch.randint(3, 40, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    reference = model.head(hf(input_ids=ids, attention_mask=mask).last_hidden_state[:, 0])
+    torch.testing.assert_close(model(ids, mask, torch.ones(2, 4)), reference, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda: RobertaPreLayerNormModel(RobertaPreLayerNormConfig(**_ENCODER_SIZES)), "roberta-prelayernorm"),
+    (lambda: ElectraModel(ElectraConfig(**_ENCODER_SIZES, embedding_size=16)), "embedding_size 16"),
+])
+def test_unsupported_encoders_raise(build, name):
+    with pytest.raises(ValueError, match=name):
+        SwitchableClassifier(build(), num_labels=2)
+
+
+@pytest.mark.parametrize("build, name", [
+    (lambda: MBartForConditionalGeneration(MBartConfig(**_SEQ2SEQ_SIZES)), "mbart"),
+    (lambda: PegasusForConditionalGeneration(PegasusConfig(**_SEQ2SEQ_SIZES)), "pegasus"),
+    (lambda: MarianMTModel(MarianConfig(**_SEQ2SEQ_SIZES)), "marian"),
+])
+def test_unsupported_seq2seq_raise(build, name):
+    with pytest.raises(ValueError, match=f"model_type '{name}'.*'bart', 't5'"):
+        SwitchableSeq2Seq(build())
+
+
+@pytest.mark.parametrize("n_policy, n_test", [(0, 300), (300, -5), (300, 0), (300, 2.5)])
+def test_text_split_sizes_must_be_positive(n_policy, n_test):
+    with pytest.raises(ValueError, match="n_policy" if n_policy == 0 else "n_test"):
+        load_text_classification("agnews", n_policy=n_policy, n_test=n_test)
+
+
+def test_text_split_larger_than_pool_raises():
+    with pytest.raises(ValueError, match="fewer than 100"):
+        load_text_classification("agnews", n_policy=5000, n_test=5000)
+
+
+@pytest.mark.parametrize("value", [0.5, 2.0, float("nan"), -1.0])
+def test_soft_gates_raise(bert_inputs, bart_inputs, value):
+    ids, mask = bert_inputs
+    model = _bert()
+    soft = torch.ones(6, 6)
+    soft[1, 2] = value
+    with pytest.raises(ValueError, match="decisions must contain only hard"):
+        model(ids, mask, soft)
+    keep = torch.ones(6, 10)
+    keep[1, 3] = value
+    with pytest.raises(ValueError, match="token_keep must contain only hard"):
+        model(ids, mask, torch.ones(6, 6), keep)
+    src, src_mask, tgt = bart_inputs
+    s2s = SwitchableSeq2Seq(_bart())
+    soft = torch.ones(4, s2s.num_decisions)
+    soft[0, 1] = value
+    with pytest.raises(ValueError, match="decisions must contain only hard"):
+        s2s(src, src_mask, tgt, soft)
+    with pytest.raises(ValueError, match="decisions must contain only hard"):
+        s2s.generate(src, src_mask, soft, max_new_tokens=2)
+    table = {"labels": torch.zeros(6), "correct": torch.zeros(6, 64), "cost_table": torch.zeros(6, 64)}
+    with pytest.raises(ValueError, match="decisions must contain only hard"):
+        table_outcomes(table, soft[:1].expand(6, -1)[:, :6].clone())
+
+
+def test_gate_dtypes_converted(bert_inputs, bart_inputs):
+    ids, mask = bert_inputs
+    model = _bert()
+    decisions = torch.randint(0, 2, (6, 6), generator=torch.Generator().manual_seed(3)).float()
+    expected = model(ids, mask, decisions)
+    for dtype in (torch.bool, torch.float64, torch.long):
+        torch.testing.assert_close(model(ids, mask, decisions.to(dtype)), expected)
+    src, src_mask, tgt = bart_inputs
+    s2s = SwitchableSeq2Seq(_bart())
+    gates = torch.ones(4, s2s.num_decisions)
+    torch.testing.assert_close(s2s(src, src_mask, tgt, gates.bool()), s2s(src, src_mask, tgt, gates))
+
+
+def test_generate_negative_length_raises(bart_inputs):
+    src, src_mask, _ = bart_inputs
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        SwitchableSeq2Seq(_bart()).generate(src, src_mask, max_new_tokens=-1)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("eps", -0.1), ("eps", float("nan")), ("lr", 0.0), ("lr", float("nan")), ("ema", 1.5), ("ema", -0.1),
+    ("barrier_delta", 0.0), ("barrier_alpha", -1.0), ("dual_lr", -0.5), ("penalty_mu", -1.0), ("agent_hidden", 0),
+    ("steps", 2.5), ("entropy_coef", float("nan")), ("init_keep_bias", float("nan")), ("budget", "0.5"),
+])
+def test_config_rejects_bad_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        SwitchableConfig(**{field: value})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"agent_stepz": 1}, "agent_stepz"), ({"budget": 2}, "budget"), ({"": 5}, "Unknown option"),
+    ({"agent_steps": 2.7}, "agent_steps"), ({"agent_steps": True}, "agent_steps"),
+    ({"agent_steps": "abc"}, "agent_steps"), ({"toy_backbone_steps": 0}, "toy_backbone_steps"),
+    ({"task": "imdb"}, "task"),
+])
+def test_reproduce_rejects_bad_option_first(tmp_path: Path, monkeypatch, options, message):
+    import alignbook.switchable as switchable
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started before the options were checked")
+    monkeypatch.setattr(switchable, "run_toy", no_training)
+    with pytest.raises(ValueError, match=message):
+        reproduce(ReproduceConfig("switchable", "small", tmp_path, progress=False, options=options))
+
+
+def test_reproduce_real_rejects_unknown_option(tmp_path: Path, monkeypatch):
+    import alignbook.switchable as switchable
+    monkeypatch.setattr(switchable, "run_e2e", lambda *a, **k: pytest.fail("training started"))
+    with pytest.raises(ValueError, match="valid options are"):
+        reproduce(ReproduceConfig("switchable", "real", tmp_path, progress=False, options={"task": "agnews"}))
