@@ -24,7 +24,8 @@ from alignbook.switchable import (
     AgentObjective, SkipAgent, SwitchableClassifier, SwitchableConfig, SwitchableSeq2Seq, all_patterns,
     decision_table, dynamic_barrier_direction, early_exit_curve, flops_fraction, gather_kept_tokens,
     kept_token_order, load_text_classification, model_flops, pattern_index, reproduce, rouge_l, run_e2e, skip_forward,
-    skip_predict, static_baselines, static_envelope, table_outcomes, train_agent, train_backbone,
+    plot_tradeoff, score_function_surrogate, skip_predict, static_baselines, static_envelope, table_outcomes,
+    train_agent, train_backbone,
 )
 
 
@@ -616,3 +617,81 @@ def test_reproduce_real_rejects_unknown_option(tmp_path: Path, monkeypatch):
     monkeypatch.setattr(switchable, "run_e2e", lambda *a, **k: pytest.fail("training started"))
     with pytest.raises(ValueError, match="valid options are"):
         reproduce(ReproduceConfig("switchable", "real", tmp_path, progress=False, options={"task": "agnews"}))
+
+
+@pytest.mark.parametrize("lengths, decisions, kept, message", [
+    (torch.tensor([float("nan"), 4.0]), None, None, "lengths must be finite"),
+    (torch.tensor([-3, 4]), None, None, "lengths must be finite"),
+    (torch.tensor([5, 4]), None, torch.tensor([9, 4]), "exceed"),
+    (torch.tensor([5, 4]), torch.ones(6), None, "decisions has shape"),
+    (torch.tensor([5, 4]), torch.ones(2, 5), None, "decisions has shape"),
+    (torch.tensor([5, 4]), torch.full((2, 6), float("nan")), None, r"\[0, 1\]"),
+])
+def test_flops_inputs_checked(lengths, decisions, kept, message):
+    with pytest.raises(ValueError, match=message):
+        model_flops(_bert(), lengths, decisions, kept)
+
+
+def test_flops_fraction_kept_above_length_raises():
+    with pytest.raises(ValueError, match="exceed"):
+        flops_fraction(_bert(), torch.tensor([5]), torch.ones(1, 6), torch.tensor([40]))
+    s2s = SwitchableSeq2Seq(_bart())
+    with pytest.raises(ValueError, match="tgt_lengths"):
+        s2s.flops(torch.tensor([5]), torch.tensor([-1]))
+
+
+def test_non_finite_training_inputs_raise():
+    agent = SkipAgent(32, 6, SwitchableConfig(skip_tokens=True))
+    h1, mask = torch.full((2, 5, 32), float("nan")), torch.ones(2, 5)
+    with pytest.raises(ValueError, match="h1 contains non-finite"):
+        agent.sample(h1, mask)
+    with pytest.raises(ValueError, match="h1 contains non-finite"):
+        agent.sample_tokens(h1, mask)
+    log_prob = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="values contains non-finite"):
+        score_function_surrogate(log_prob, torch.tensor([1.0, float("nan"), 0.0]))
+    with pytest.raises(ValueError, match="g_con contains non-finite"):
+        dynamic_barrier_direction(torch.ones(4), torch.tensor([1.0, float("nan"), 0.0, 0.0]), 0.1)
+    with pytest.raises(ValueError, match="con_value must be finite"):
+        dynamic_barrier_direction(torch.ones(4), torch.ones(4), float("nan"))
+
+
+def test_skip_predict_agent_width_mismatch(bert_inputs):
+    ids, mask = bert_inputs
+    with pytest.raises(ValueError, match="agent outputs 4 decisions but the model has 6"):
+        skip_predict(_bert(), SkipAgent(32, 4), ids, mask)
+
+
+def test_classifier_num_labels_checked():
+    with pytest.raises(ValueError, match="num_labels"):
+        SwitchableClassifier(_bert().backbone, num_labels=0)
+
+
+def _policy(method, accuracy, flops, **setting):
+    return {"method": method, "accuracy": accuracy, "flops": flops, "static_envelope_at_same_flops": accuracy + 0.004,
+            **setting}
+
+
+def test_summary_row_names_flops_point():
+    from alignbook.switchable import _text_summary
+    text = {"chosen_policy": 0, "policies": [
+        _policy("barrier", 0.8527, 0.25, eps=0.0), _policy("barrier", 0.8600, 0.461, constraint="budget", budget=0.6),
+        _policy("barrier", 0.8587, 0.644, constraint="budget", budget=0.8), _policy("lagrangian", 0.862, 1.0)]}
+    row = _text_summary("agnews", text)
+    assert "at 0.461 FLOPs" in row["metric"]
+    assert "budget 0.6" in row["metric"]
+    assert row["method"] == 0.8600
+    assert row["baseline"] == pytest.approx(0.8640)
+
+
+def test_tradeoff_labels_accuracy_barrier_apart():
+    import matplotlib
+    matplotlib.use("Agg")
+    point = [{"flops": 0.5, "accuracy": 0.9}]
+    results = {"static": {"layer_drop": point, "greedy": point, "best_pattern": point}, "early_exit": point,
+               "policies": [_policy("barrier", 0.9, 0.4, eps=0.0),
+                            _policy("barrier", 0.9, 0.5, quality="accuracy", eps=0.0)]}
+    fig = plot_tradeoff(results)
+    labels = [text.get_text() for text in fig.axes[0].get_legend().get_texts()]
+    assert "switchable (barrier)" in labels
+    assert "switchable (barrier, accuracy drop)" in labels
