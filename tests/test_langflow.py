@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from alignbook.langflow import (
-    DiffusionBaseline, LanguageRectifiedFlow, LatentClassifier, LatentStats, TextVAE, TokenEmbedding, VelocityMLP,
+    DiffusionBaseline, LangFlowConfig, LanguageRectifiedFlow, LatentClassifier, LatentStats, TextVAE, TokenEmbedding, VelocityMLP,
     VelocityTransformer, WordTokenizer, config_for, encode_batch, encode_latents, euler_sample,
     latent_classifier_guidance, make_pair_sampler, pad_ids, parse_synthetic, reconstruction_accuracy, reflow_pairs,
     rectified_flow_loss, rk45_sample, round_to_texts, straightness, synthetic_restaurants, train_embedding_flow,
-    train_rectified_flow,
+    train_latent_classifier, train_rectified_flow, latent_w2, plot_edit_table,
 )
 from alignbook.train import train
 
@@ -382,3 +382,182 @@ def test_compare_joint_training_tiny():
         assert 0.0 <= metrics["rec_token"] <= 1.0
         assert metrics["latent_rms"] > 0.0
         assert math.isfinite(metrics["flow_loss"])
+
+
+# Input checks of the public API: each bad value raises a ValueError that names it.
+
+
+@pytest.fixture(scope="module")
+def tiny_flow():
+    "An untrained latent route with d = 4: enough to reach every input check."
+    torch.manual_seed(0)
+    texts = [r["text"] for r in synthetic_restaurants(50, seed=0)]
+    tokenizer = WordTokenizer.from_texts(texts)
+    vae = TextVAE(len(tokenizer), 4, "gru", 8, 16, max_length=24)
+    velocity = VelocityMLP(4, 16, 1)
+    return LanguageRectifiedFlow(vae, tokenizer, velocity, LatentStats(torch.zeros(4), torch.ones(4))), texts
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_latent_w2_rejects_non_finite(bad):
+    good = torch.randn(8, 3, generator=torch.Generator().manual_seed(0))
+    broken = good.clone()
+    broken[2, 1] = bad
+    assert latent_w2(good, good) == pytest.approx(0.0, abs=1e-6)
+    with pytest.raises(ValueError, match="X_s contains NaN or infinite"):
+        latent_w2(broken, good)
+    with pytest.raises(ValueError, match="X_t contains NaN or infinite"):
+        latent_w2(good, broken)
+
+
+@pytest.mark.parametrize("target, scale, n, match", [
+    (0, float("nan"), 2, "scale must be a finite number"),
+    (0, float("inf"), 2, "scale must be a finite number"),
+    (0, -1.0, 2, "scale must be a finite number"),
+    (5, 1.0, 2, r"target class ids must be in \[0, 1\]"),
+    (-1, 1.0, 2, r"target class ids must be in \[0, 1\]"),
+    ("city centre", 1.0, 2, "target must be a class id"),
+    (torch.tensor([0.5]), 1.0, 2, "integer class ids"),
+    (torch.tensor([0, 1]), 1.0, 3, "target has 2 class ids but the batch has 3"),
+])
+def test_guidance_rejects_bad_arguments(tiny_flow, target, scale, n, match):
+    lf, _ = tiny_flow
+    classifier = LatentClassifier(4, 2, 8)
+    with pytest.raises(ValueError, match=match):
+        lf.sample(n, 2, guidance=latent_classifier_guidance(classifier, target, scale, lf.velocity))
+
+
+def test_guidance_rejects_other_latent_size_and_sequences(tiny_flow):
+    lf, _ = tiny_flow
+    wrong_size = latent_classifier_guidance(LatentClassifier(6, 2), 0, 1.0, lf.velocity)
+    with pytest.raises(ValueError, match="takes latents of size 6, but the sampler's latents have size 4"):
+        lf.sample(2, 2, guidance=wrong_size)
+    sequence_velocity = VelocityTransformer(8, 5, 16, 1, 2, 32).eval()
+    on_sequences = latent_classifier_guidance(LatentClassifier(8, 2), 0, 1.0, sequence_velocity)
+    with pytest.raises(ValueError, match=r"logits of shape \(2, 5, 2\) .* one row of class logits per sample"):
+        euler_sample(sequence_velocity, torch.zeros(2, 5, 8), 2, guidance=on_sequences)
+
+
+def test_guidance_accepts_one_target_per_row(tiny_flow):
+    lf, _ = tiny_flow
+    guidance = latent_classifier_guidance(LatentClassifier(4, 2, 8), torch.tensor([0, 1, 1]), 1.0, lf.velocity)
+    assert guidance(torch.zeros(3, 4), torch.zeros(3)).shape == (3, 4)
+
+
+def test_flow_rejects_bad_counts_and_latents(tiny_flow):
+    lf, _ = tiny_flow
+    for n in (0, -1, 2.0):
+        with pytest.raises(ValueError, match="n must be an integer >= 1"):
+            lf.sample(n)
+    with pytest.raises(ValueError, match="wrap it in a list"):
+        lf.encode("the eagle")
+    with pytest.raises(ValueError, match="NaN or infinite latents"):
+        lf.decode(torch.full((2, 4), float("nan")))
+    with pytest.raises(ValueError, match=r"z has shape \(2, 5\), expected \(\*, 4\)"):
+        lf.decode(torch.zeros(2, 5))
+
+
+def test_euler_sample_rejects_bad_times():
+    velocity = VelocityMLP(4, 16, 1)
+    with pytest.raises(ValueError, match="must be finite times"):
+        euler_sample(velocity, torch.zeros(2, 4), 4, t0=0.0, t1=float("nan"))
+    with pytest.raises(ValueError, match="nothing to integrate"):
+        euler_sample(velocity, torch.zeros(2, 4), 4, t0=0.5, t1=0.5)
+
+
+def test_helpers_reject_bad_shapes_and_labels():
+    tokenizer = WordTokenizer.from_texts(["NAME is a pub ."])
+    embedding = TokenEmbedding(len(tokenizer), 8)
+    with pytest.raises(ValueError, match=r"input_ids has shape \(5,\)"):
+        pad_ids(torch.zeros(5, dtype=torch.long), 8)
+    with pytest.raises(ValueError, match="empty batch"):
+        round_to_texts(embedding, tokenizer, torch.zeros(0, 6, 8))
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
+        train_rectified_flow(VelocityMLP(4, 16, 1), make_pair_sampler(torch.zeros(8, 4)), steps=2, batch_size=0)
+    for bad_label in (-1, 2):
+        with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 2\)"):
+            train_latent_classifier(LatentClassifier(4, 2), torch.zeros(8, 4), torch.full((8,), bad_label), steps=1)
+
+
+def test_decode_never_emits_unk(tiny_flow):
+    lf, _ = tiny_flow
+    unk = lf.tokenizer.unk_token_id
+    backbone = lf.vae.backbone
+    start, step = backbone.start_decoding, backbone.continue_decoding
+
+    def favour_unk(logits):  # make <unk> the argmax at every position
+        logits = logits.clone()
+        logits[:, unk] = logits.max() + 100.0
+        return logits
+
+    backbone.start_decoding = lambda z: (lambda out: (favour_unk(out[0]), out[1]))(start(z))
+    backbone.continue_decoding = lambda ids, cache: (lambda out: (favour_unk(out[0]), out[1]))(step(ids, cache))
+    try:
+        z = torch.zeros(3, 4)
+        assert (lf.vae.generate(z) == unk).any()  # without the block the decoder emits <unk>
+        texts = lf.decode(z)
+    finally:
+        del backbone.start_decoding, backbone.continue_decoding
+    assert all("<unk>" not in text for text in texts), texts
+
+
+def test_round_to_texts_drops_unk():
+    tokenizer = WordTokenizer.from_texts(["NAME is a pub ."])
+    embedding = TokenEmbedding(len(tokenizer), 8)
+    a, pub = tokenizer.stoi["a"], tokenizer.stoi["pub"]
+    ids = torch.tensor([[a, tokenizer.unk_token_id, pub, tokenizer.eos_token_id]])
+    out_ids, texts = round_to_texts(embedding, tokenizer, embedding(ids))
+    assert texts == ["a pub"]
+    assert out_ids.tolist() == [[a, pub, tokenizer.eos_token_id]]
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("beta", -1.0, "beta must be a finite number >= 0"),
+    ("edit_target", "riverside", "edit_source and edit_target are both 'riverside'"),
+    ("beta_anneal_steps", -100, "beta_anneal_steps must be a non-negative int"),
+    ("step_grid", (), "step_grid must be a non-empty tuple"),
+    ("step_grid", (2.5,), "step_grid must be a non-empty tuple"),
+    ("step_grid", 4, "step_grid must be a non-empty tuple"),
+    ("latent_dim", 0, "latent_dim must be a positive int"),
+    ("ema_decay", 2.0, "ema_decay must be None"),
+    ("ema_decay", 1.0, "ema_decay must be None"),
+    ("ddpm_sample_steps", 0, "ddpm_sample_steps must be a positive int"),
+    ("num_samples", 0, "num_samples must be a positive int"),
+    ("guidance_scales", (-1.0,), "guidance_scales must be a non-empty tuple of finite numbers"),
+    ("guidance_scales", (float("nan"),), "guidance_scales must be a non-empty tuple of finite numbers"),
+    ("guidance_scales", 2.0, "guidance_scales must be a non-empty tuple of finite numbers"),
+    ("speed_steps", 0, "speed_steps must be a positive int"),
+    ("timing_repeats", 0, "timing_repeats must be a positive int"),
+    ("token_heads", 3, "token_heads=3 must divide token_hidden=128"),
+    ("max_words", 0, "max_words must be a positive int"),
+    ("vae_steps", 0, "vae_steps must be a positive int"),
+    ("vae_lr", -1.0, "vae_lr must be a finite number > 0"),
+    ("token_noise", -0.1, "token_noise must be a finite number >= 0"),
+    ("num_reflow_pairs", 0, "num_reflow_pairs must be a positive int"),
+    ("eval_fraction", 1.5, r"eval_fraction must be a number in \(0, 1\)"),
+    ("backbone", "lstm", "Unknown backbone 'lstm'"),
+    ("seed", "x", "seed must be an int"),
+])
+def test_config_rejects_bad_field(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        LangFlowConfig(**{field: value})
+
+
+def test_config_for_converts_command_line_values():
+    assert config_for("small", {"step_grid": 4}).step_grid == (4,)
+    assert config_for("small", {"step_grid": "1,2"}).step_grid == (1, 2)
+    assert config_for("small", {"guidance_scales": "0,2.5"}).guidance_scales == (0, 2.5)
+    assert config_for("small", {"vae_steps": "12"}).vae_steps == 12
+    assert config_for("small", {"flow_lr": "0.01"}).flow_lr == 0.01
+    with pytest.raises(ValueError, match="vae_steps must be a positive int, got 'abc'"):
+        config_for("small", {"vae_steps": "abc"})
+    with pytest.raises(ValueError, match="step_grid must be comma-separated numbers such as --set step_grid=1,4"):
+        config_for("small", {"step_grid": "1,x"})
+
+
+def test_edit_table_wraps_long_sentences():
+    sentence = " ".join(f"word{i}" for i in range(40))  # about 280 characters
+    figure = plot_edit_table([{"source": sentence, "edited": "short"}])
+    shown = figure.axes[0].texts[0].get_text()
+    assert all(f"word{i}" in shown.split() for i in range(40))
+    assert max(len(line) for line in shown.splitlines()) <= 14 + 110
