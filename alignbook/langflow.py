@@ -29,12 +29,13 @@ __all__ = ['logger', 'RF_EPS', 'GuidanceFn', 'RK45_TOL', 'SYNTHETIC_SLOTS', 'SYN
            'TextVAE', 'make_pair_sampler', 'EMA', 'train_rectified_flow', 'lexicographic_direction',
            'lexicographic_loss', 'LatentStats', 'joint_loss', 'LatentClassifier', 'train_latent_classifier',
            'latent_classifier_guidance', 'LanguageRectifiedFlow', 'TokenEmbedding', 'VelocityTransformer',
-           'embedding_flow_loss', 'train_embedding_flow', 'pad_ids', 'round_to_texts', 'LangFlowConfig', 'prepare_e2e',
-           'train_vae', 'encode_latents', 'reconstruction_accuracy', 'train_fluency_lm', 'lm_perplexity', 'latent_w2',
-           'train_generation_flows', 'train_diffusion_baseline', 'evaluate_samples', 'evaluate_generation',
-           'data_w2_floor', 'time_generation', 'evaluate_control', 'train_transfer_flows', 'evaluate_editing',
-           'train_embedding_models', 'evaluate_embedding_generation', 'run_experiment', 'compare_joint_training',
-           'plot_trajectories', 'plot_quality_vs_steps', 'plot_edit_table', 'config_for', 'reproduce']
+           'embedding_flow_loss', 'train_embedding_flow', 'pad_ids', 'round_to_texts', 'EmbeddingRectifiedFlow',
+           'LangFlowConfig', 'prepare_e2e', 'train_vae', 'encode_latents', 'reconstruction_accuracy',
+           'train_fluency_lm', 'lm_perplexity', 'latent_w2', 'train_generation_flows', 'train_diffusion_baseline',
+           'evaluate_samples', 'evaluate_generation', 'data_w2_floor', 'time_generation', 'evaluate_control',
+           'train_transfer_flows', 'evaluate_editing', 'train_embedding_models', 'evaluate_embedding_generation',
+           'run_experiment', 'compare_joint_training', 'plot_trajectories', 'plot_quality_vs_steps', 'plot_edit_table',
+           'config_for', 'reproduce']
 
 # %% ../nbs/17_langflow.ipynb #ad55e3a8
 def _time_column(
@@ -1312,6 +1313,41 @@ def round_to_texts(
     for i, row in enumerate(rows):
         ids[i, : len(row)] = torch.tensor(row)
     return ids, [tokenizer.decode(row) for row in rows]
+
+# %% ../nbs/17_langflow.ipynb #4060b6f8
+class EmbeddingRectifiedFlow:
+    "Text generation with a rectified flow over per-token embeddings, rounded to words."
+    def __init__(
+        self,
+        embedding: TokenEmbedding,  # trained embeddings that rounding maps back to words
+        tokenizer: WordTokenizer,  # the tokenizer the embeddings were trained with
+        velocity: nn.Module,  # sequence flow N(0, I) -> embeddings, e.g. a trained `VelocityTransformer`
+        seq_len: int | None = None,  # n, positions per sentence; default `velocity.seq_len`
+    ):
+        seq_len = getattr(velocity, "seq_len", None) if seq_len is None else seq_len
+        if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+            raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass the number of positions "
+                             "the velocity was trained on (max_words + 1 in the experiment).")
+        if len(tokenizer) != embedding.vocab_size:
+            raise ValueError(f"The tokenizer has {len(tokenizer)} words but the embedding table has "
+                             f"{embedding.vocab_size}; pass the tokenizer the embeddings were trained with.")
+        self.embedding, self.tokenizer, self.velocity, self.seq_len = embedding.eval(), tokenizer, velocity.eval(), seq_len
+
+    def sample_vectors(
+        self,
+        n: int,  # number of sentences
+        num_steps: int = 4,  # S, Euler steps
+        generator: torch.Generator | None = None,  # randomness of the starting noise
+    ) -> Tensor:  # (n, seq_len, d) generated vectors before rounding
+        "Euler-integrate the flow from N(0, I) noise of shape (n, seq_len, d)."
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"n must be an integer >= 1 (the number of sentences), got {n!r}.")
+        noise = torch.randn(n, self.seq_len, self.embedding.embed_dim, generator=generator)
+        return euler_sample(self.velocity, noise.to(_device_of(self.velocity)), num_steps)
+
+    def sample(self, n: int, num_steps: int = 4, generator: torch.Generator | None = None) -> list[str]:
+        "Generate `n` sentences with `num_steps` Euler steps, rounding each position to its nearest word."
+        return round_to_texts(self.embedding, self.tokenizer, self.sample_vectors(n, num_steps, generator))[1]
 
 # %% ../nbs/17_langflow.ipynb #b7084b7c
 @dataclass

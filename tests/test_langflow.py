@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from alignbook.langflow import (
-    DiffusionBaseline, LangFlowConfig, LanguageRectifiedFlow, LatentClassifier, LatentStats, TextVAE, TokenEmbedding, VelocityMLP,
+    DiffusionBaseline, EmbeddingRectifiedFlow, LangFlowConfig, LanguageRectifiedFlow, LatentClassifier, LatentStats, TextVAE, TokenEmbedding, VelocityMLP,
     VelocityTransformer, WordTokenizer, config_for, encode_batch, encode_latents, euler_sample,
     latent_classifier_guidance, make_pair_sampler, pad_ids, parse_synthetic, reconstruction_accuracy, reflow_pairs,
     rectified_flow_loss, rk45_sample, round_to_texts, straightness, synthetic_restaurants, train_embedding_flow,
@@ -342,6 +342,13 @@ def test_embedding_flow_learns_two_sentences():
     rounded = embedding.round(samples)
     matches = ((rounded[:, None] == ids[None]).all(-1)).any(-1)  # (64,) equal to a training sentence
     assert matches.float().mean() > 0.9, rounded[~matches][:4]
+
+    # the user-level sampler draws the same noise from the same generator, so it returns the same sentences
+    tokenizer = WordTokenizer([f"w{i}" for i in range(8)])  # ids 4..11
+    flow = EmbeddingRectifiedFlow(embedding, tokenizer, velocity)
+    texts = flow.sample(64, 16, generator=torch.Generator().manual_seed(7))
+    assert texts == [tokenizer.decode(row) for row in rounded]
+    assert sum(text in ("w0 w1 w2 w3", "w4 w5 w6") for text in texts) / len(texts) > 0.9, texts[:4]
 
 
 def test_embedding_bad_inputs_raise():
