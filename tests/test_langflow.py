@@ -568,3 +568,11 @@ def test_edit_table_wraps_long_sentences():
     shown = figure.axes[0].texts[0].get_text()
     assert all(f"word{i}" in shown.split() for i in range(40))
     assert max(len(line) for line in shown.splitlines()) <= 14 + 110
+
+
+def test_tokenizer_keeps_capital_placeholders():
+    "Words are lower-cased unless they are all capitals of two or more characters, as the class docstring states."
+    assert WordTokenizer.split("The Eagle NAME near NEAR_BY .") == ["the", "eagle", "NAME", "near", "NEAR_BY", "."]
+    assert WordTokenizer.split("THE EAGLE") == ["THE", "EAGLE"]
+    assert WordTokenizer.split("I A") == ["i", "a"]  # one capital letter is an ordinary word
+    assert "all-capital" in WordTokenizer.__doc__
