@@ -1010,9 +1010,8 @@ def _check_guidance_target(target, num_classes: int | None) -> Tensor:  # -> () 
         raise ValueError(f"target must hold integer class ids in a scalar or a (B,) tensor, got dtype "
                          f"{labels.dtype} and shape {tuple(labels.shape)}.")
     labels = labels.long()
-    upper = num_classes if num_classes is not None else None
-    if labels.numel() and (labels.min() < 0 or (upper is not None and labels.max() >= upper)):
-        bound = f"[0, {upper - 1}]" if upper is not None else ">= 0"
+    if labels.numel() and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes)):
+        bound = f"[0, {num_classes - 1}]" if num_classes is not None else ">= 0"
         raise ValueError(f"target class ids must be in {bound} for this classifier, got {target!r}.")
     return labels
 
