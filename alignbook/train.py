@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -142,7 +143,7 @@ def latest_checkpoint(folder: str | Path) -> Path | None:
 
 # %% ../nbs/03_train.ipynb #0fd9ffbd
 def _validate_train_args(model, steps, grad_accum, log_every, checkpoint_dir, checkpoint_every, eval_fn, eval_every,
-                         resume=False):
+                         resume=False, max_grad_norm=None):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not isinstance(steps, int) or steps < 1:
@@ -157,6 +158,9 @@ def _validate_train_args(model, steps, grad_accum, log_every, checkpoint_dir, ch
         raise ValueError("resume=True needs checkpoint_dir, the folder that holds the step_N checkpoints.")
     if eval_every is not None and eval_fn is None:
         raise ValueError("eval_every is set but eval_fn is None; pass an eval_fn(model) -> dict.")
+    if max_grad_norm is not None and not (isinstance(max_grad_norm, (int, float)) and 0 < max_grad_norm < math.inf):
+        # a negative norm would flip the sign of every clipped gradient and train uphill
+        raise ValueError(f"max_grad_norm must be a positive finite number or None (no clipping), got {max_grad_norm!r}.")
 
 # %% ../nbs/03_train.ipynb #e7edc869
 def train(
@@ -187,7 +191,7 @@ def train(
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     _validate_train_args(model, steps, grad_accum, log_every, checkpoint_dir, checkpoint_every, eval_fn, eval_every,
-                         resume)
+                         resume, max_grad_norm)
     set_seed(seed)
     if accelerator is None:
         try:
