@@ -19,8 +19,8 @@ __all__ = ['build_parser', 'list_chapters', 'main']
 
 # %% ../nbs/06_cli.ipynb #17949ca9
 def _parse_option(text: str) -> tuple[str, object]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"invalid --set value {text!r}: expected key=value, e.g. seed_count=2")
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise argparse.ArgumentTypeError(f"invalid --set value {text!r}: expected key=value, e.g. steps=50")
     key, raw = text.split("=", 1)
     try:
         value = json.loads(raw)
@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--seed", default=0, type=int, help="base random seed")
     rep.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     rep.add_argument("--set", dest="options", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
-                     help="chapter-specific override of a config field, repeatable; an unknown key is rejected with "
+                     help="chapter-specific override of a config field, repeatable; the value is read as JSON "
+                          "(steps=50, seeds=[0,1]) and otherwise kept as a string; an unknown key is rejected with "
                           "the list of valid ones")
     rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
