@@ -121,6 +121,8 @@ def test_bad_segment_ids_raise(inputs):
         model(ids)
     with pytest.raises(ValueError, match="has 3 positions but the input has 10"):
         model(ids, token_type_ids=segments[:, :3])
+    with pytest.raises(ValueError, match="has 10 positions but the input has 4 and no cache"):
+        model(ids[:, 6:], token_type_ids=segments)
     with pytest.raises(ValueError, match=r"must lie in \[0, 4\)"):
         model(ids, token_type_ids=segments + 1)
     with pytest.raises(TypeError, match="integer tensor"):
@@ -147,6 +149,19 @@ def test_save_load_round_trip(arch, inputs, tmp_path):
     assert loaded.config.num_segments == 4 and loaded.config.ise_enabled
     with torch.no_grad():
         assert torch.equal(loaded(ids, token_type_ids=segments).logits, model(ids, token_type_ids=segments).logits)
+
+
+def test_table_with_bad_values_raises(tmp_path):
+    with pytest.raises(ValueError, match="init_std must be a finite"):
+        SegmentEmbedding(4, 8, init_std=float("nan"))
+    with pytest.raises(ValueError, match="num_segments must be positive"):
+        add_segment_embedding(tiny_causal_lm("llama", vocab_size=VOCAB, hidden_size=32), num_segments=0)
+    model = patched("llama")
+    with torch.no_grad():
+        model.segment_embedding.weight[2, 5] = float("nan")
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="segment_embedding.weight loaded from .* contains non-finite values"):
+        load_ise_model(tmp_path)
 
 
 def test_load_without_table_raises(tmp_path):
@@ -217,6 +232,27 @@ def test_template_dropping_data_raises(tokenizer):
     assert "Lunch is at noon." in tokenizer.decode(ids[segments == 2])
     with pytest.raises(ValueError, match="Unknown roles"):
         encode_with_segments(tokenizer, [{"role": "tool", "content": "x"}])
+
+
+@pytest.mark.parametrize("template", [None, CHATML])
+def test_malformed_messages_raise(tokenizer, template):
+    with pytest.raises(ValueError, match="messages\\[0\\] has no string 'role'"):
+        encode_with_segments(tokenizer, [{"content": "x"}], chat_template=template)
+    for content in ({}, {"content": None}):
+        with pytest.raises(ValueError, match="messages\\[1\\] \\('user'\\) has content None"):
+            encode_with_segments(tokenizer, [CONVERSATION[0], {"role": "user", **content}], chat_template=template)
+
+
+def test_tokenizer_without_tokens_raises(tokenizer):
+    class NoTokens:
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+        def __call__(self, text, **kwargs):
+            return {"input_ids": [], "offset_mapping": []}
+
+    with pytest.raises(ValueError, match="produced no tokens"):
+        encode_with_segments(NoTokens(), CONVERSATION)
 
 
 def test_collate_pads_segments_with_output_id():
@@ -294,11 +330,42 @@ def test_reproduce_rejects_unknown_option(tmp_path):
         reproduce(ReproduceConfig("ise", out_dir=tmp_path, options={"stepz": 3}))
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"steps": "abc"}, "steps must be an integer >= 1, got 'abc'"),
+    ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
+    ({"batch_size": -2}, "batch_size must be an integer >= 1, got -2"),
+    ({"seeds": []}, "seeds is empty"),
+    ({"seeds": 3}, "seeds must be a list of integers, got 3; e.g. --set seeds='\\[0\\]'"),
+    ({"seeds": "abc"}, "seeds must be a list of integers, got 'abc'"),
+    ({"variants": "clear"}, "Unknown variants \\['clear'\\]"),
+    ({"num_segments": 2}, "num_segments must be an integer >= 4"),
+    ({"num_segments": 0}, "num_segments must be an integer >= 4"),
+    ({"steps": 5}, "warmup_steps=50 exceeds steps=5"),
+    ({"max_grad_norm": -1}, "max_grad_norm must be a finite number > 0"),
+    ({"max_grad_norm": 0}, "max_grad_norm must be a finite number > 0"),
+    ({"init_std": float("nan")}, "init_std must be a finite number"),
+])
+def test_reproduce_rejects_bad_option_values(tmp_path, options, message):
+    from alignbook.ise import reproduce
+    from alignbook.reproduce import ReproduceConfig
+    with pytest.raises(ValueError, match=message):
+        reproduce(ReproduceConfig("ise", out_dir=tmp_path, progress=False, options=options))
+
+
+def test_config_accepts_one_variant_string():
+    from alignbook.ise import ISEConfig, _ise_config
+    from alignbook.reproduce import ReproduceConfig
+    assert ISEConfig(variants="clean").variants == ("clean",)
+    config = _ise_config(ReproduceConfig("ise", options={"variants": "adversarial", "seeds": [2, 5]}))
+    assert config.variants == ("adversarial",)
+    assert config.seeds == (2, 5)
+
+
 def test_small_preset_trains_both_arms(tmp_path):
     from alignbook.ise import reproduce
     from alignbook.reproduce import ReproduceConfig
-    options = {"steps": 20, "n_train": 300, "n_test": 8, "hidden_size": 32, "intermediate_size": 64, "batch_size": 16,
-               "variants": ["clean"], "seeds": [0]}
+    options = {"steps": 20, "warmup_steps": 2, "n_train": 300, "n_test": 8, "hidden_size": 32, "intermediate_size": 64,
+               "batch_size": 16, "variants": ["clean"], "seeds": [0]}
     metrics = reproduce(ReproduceConfig("ise", out_dir=tmp_path, progress=False, options=options))
     assert metrics["summary"]["metric"].startswith("mean robust accuracy")
     assert metrics["synthetic"]["completion_equals_two_turn"] == {"baseline": True, "ISE": False}
