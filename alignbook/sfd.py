@@ -9,6 +9,7 @@ import copy
 import json
 import contextlib
 import math
+import re
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -101,15 +102,36 @@ def check_class_conditional(
     net: nn.Module,  # an epsilon network
     num_classes: int | None = None,  # number of real classes; the embedding may hold one extra null class
 ) -> None:
-    "Raise `ValueError` when `net` is a `UNet2DModel` without a class embedding large enough for `num_classes`."
+    """Raise `ValueError` when `net` is a `UNet2DModel` without a class embedding large enough for `num_classes`.
+
+    The trainer only queries the real classes, so `num_classes` embeddings suffice for SFD. A null class at index
+    `num_classes` is needed only for label dropout (`teacher_loss_fn`) and classifier-free guidance (`GuidedScore`)."""
     if isinstance(net, UNet2DModel):
         if net.class_embedding is None:
             raise ValueError("The UNet2DModel has no class embedding, so it cannot forget a class; build it with "
-                             "`num_class_embeds=num_classes + 1` (the extra index is the null class).")
+                             "`num_class_embeds=num_classes`, or `num_classes + 1` to add a null class for "
+                             "guidance and label dropout.")
         n_embed = net.config.num_class_embeds
         if num_classes is not None and n_embed is not None and n_embed < num_classes:
             raise ValueError(f"The UNet2DModel embeds {n_embed} classes but num_classes={num_classes}; "
                              f"use num_class_embeds >= {num_classes}.")
+
+def _unwrap_unet(net: nn.Module) -> nn.Module:
+    "Return the diffusers UNet inside guidance wrappers such as `GuidedScore` (their `.net`), or `net` itself."
+    while not isinstance(net, ModelMixin) and isinstance(getattr(net, "net", None), nn.Module):
+        net = net.net
+    return net
+
+def _check_class_ids(net: nn.Module, cond: Tensor, name: str = "labels") -> None:
+    "Raise `ValueError` when integer `cond` contains an id outside the class embedding of the `UNet2DModel` in `net`."
+    unet = _unwrap_unet(net)
+    if not isinstance(unet, UNet2DModel) or cond.is_floating_point() or cond.numel() == 0:
+        return
+    n_embed = unet.config.num_class_embeds
+    if n_embed is not None and (cond.min() < 0 or cond.max() >= n_embed):
+        raise ValueError(f"{name} must lie in [0, {n_embed}) for this UNet's {n_embed} class embeddings, got "
+                         f"values in [{int(cond.min())}, {int(cond.max())}]; use class ids the teacher was "
+                         f"trained on.")
 
 def predict_eps(
     net: nn.Module,  # UNet2DModel, UNet2DConditionModel, or a module called as net(sample, timestep, cond)
@@ -184,6 +206,11 @@ class OneStepGenerator(nn.Module):
         z: Tensor,  # (B, C, H, W) standard normal noise
         cond: Tensor,  # (B,) class labels or (B, T, D) text embeddings
     ) -> Tensor:  # (B, C, H, W) generated sample x_g
+        check_finite("z", z)
+        if cond.is_floating_point():
+            check_finite("cond", cond)
+        else:
+            _check_class_ids(self.unet, cond, "cond")
         t = torch.full((z.shape[0],), self.t_init, device=z.device, dtype=torch.long)  # (B,)
         x_init = self.schedule.b(t).view((-1,) + (1,) * (z.dim() - 1)) * z  # (B, C, H, W)
         return x0_from_eps(self.unet, x_init, t, cond, self.schedule)
@@ -228,6 +255,7 @@ def denoising_loss(
     "DDPM epsilon loss: sum over pixels of (eps - eps_theta(a_t x0 + b_t eps, t, c))^2, reduced over the batch."
     t_max = schedule.num_train_timesteps if t_max is None else t_max
     _check_options(reduction, t_min, t_max, schedule)
+    check_finite("x0", x0)
     t = sample_timesteps(x0.shape[0], t_min, t_max, x0.device, generator)  # (B,)
     noise = torch.randn(x0.shape, generator=generator).to(x0)  # (B, C, H, W)
     eps_pred = predict_eps(net, schedule.add_noise(x0, noise, t), t, cond)  # (B, C, H, W)
@@ -333,6 +361,18 @@ def sample_override_labels(
     raise ValueError(f"mode must be 'fixed' or 'rand', got {mode!r}.")
 
 # %% ../nbs/18_sfd.ipynb #2de04d0e
+def _check_real(name: str, value, expected: str, minimum: float, strict: bool = False) -> None:
+    "Raise `ValueError` unless `value` is a finite real number >= `minimum` (> `minimum` when `strict`)."
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value > minimum if strict else value >= minimum)
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}.")
+
+def _check_count(name: str, value) -> None:
+    "Raise `ValueError` unless `value` is an integer >= 1."
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+
 @dataclass
 class SFDConfig:
     "Hyperparameters of score forgetting distillation; defaults are the official CIFAR-10 class-forgetting ones."
@@ -363,15 +403,28 @@ class SFDConfig:
     seed: int = 0  # seed of the trainer's noise, timestep and label draws
 
     def __post_init__(self):
+        for name in ("lambda_remain_fake", "lambda_forget_fake", "lambda_remain_gen", "lambda_forget_gen"):
+            _check_real(name, getattr(self, name), "a finite weight >= 0 (0 turns the term off)", 0.0)
+        for name in ("lr_fake", "lr_gen"):
+            _check_real(name, getattr(self, name), "a finite learning rate > 0, e.g. 1e-5", 0.0, strict=True)
+        for name in ("batch_size", "n_iters", "num_classes"):
+            _check_count(name, getattr(self, name))
         _check_label("forget_label", self.forget_label, self.num_classes)
         if self.override_mode not in ("fixed", "rand"):
             raise ValueError(f"override_mode must be 'fixed' or 'rand', got {self.override_mode!r}.")
         if self.override_mode == "fixed":
             sample_override_labels(1, self.forget_label, self.num_classes, self.override_label, "fixed")
+        if not isinstance(self.t_init, (int, np.integer)) or isinstance(self.t_init, bool) or self.t_init < 0:
+            raise ValueError(f"t_init must be an integer timestep >= 0, got {self.t_init!r}; 440 (sigma 2.5) is the "
+                             f"default for the DDPM linear schedule.")
         if not 0 <= self.t_min < self.t_max:
-            raise ValueError(f"Need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}.")
-        if not 0.0 <= self.ema_decay < 1.0:
-            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay}.")
+            raise ValueError(f"Need 0 <= t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}; t_max is "
+                             f"exclusive, so set t_min below t_max.")
+        if not 0 <= self.warmup_t_min < self.warmup_t_max:
+            raise ValueError(f"Need 0 <= warmup_t_min < warmup_t_max, got warmup_t_min={self.warmup_t_min}, "
+                             f"warmup_t_max={self.warmup_t_max}; set warmup_t_min below warmup_t_max.")
+        if not (isinstance(self.ema_decay, (int, float)) and 0.0 <= self.ema_decay < 1.0):
+            raise ValueError(f"ema_decay must lie in [0, 1), got {self.ema_decay!r}; 0 keeps no average.")
         if not 0.0 <= self.forget_warmup <= 1.0:
             raise ValueError(f"forget_warmup is a fraction of n_iters in [0, 1], got {self.forget_warmup}.")
         self.betas = tuple(self.betas)
@@ -415,12 +468,6 @@ def _value_clip_hook(value: float):
         params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch.nn.utils.clip_grad_value_(params, value)
     return hook
-
-def _unwrap_unet(net: nn.Module) -> nn.Module:
-    "Return the diffusers UNet inside guidance wrappers such as `GuidedScore` (their `.net`), or `net` itself."
-    while not isinstance(net, ModelMixin) and isinstance(getattr(net, "net", None), nn.Module):
-        net = net.net
-    return net
 
 class SFDModules(nn.Module):
     "The trainable state of SFD in one module (generator, fake score, generator EMA), so one checkpoint holds it all."
@@ -482,8 +529,10 @@ def _check_labels(self: SFDTrainer, labels: Tensor, allow_forget: bool = False) 
         shape = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels must be a 1-D integer tensor of class ids, got {shape}; SFD is data-free and "
                          f"takes labels, not images.")
+    if labels.numel() == 0:
+        raise ValueError("labels is empty; pass at least one class id per step.")
     num_classes = self.config.num_classes
-    if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+    if labels.min() < 0 or labels.max() >= num_classes:
         raise ValueError(f"labels must lie in [0, {num_classes}), got values in [{int(labels.min())}, "
                          f"{int(labels.max())}].")
     if not allow_forget and (labels == self.config.forget_label).any():
@@ -512,6 +561,13 @@ def _forget_t_range(self: SFDTrainer) -> tuple[int, int]:
 SFDTrainer._forget_t_range = _forget_t_range
 
 # %% ../nbs/18_sfd.ipynb #bf58aa18
+def _check_losses(metrics: dict) -> None:
+    "Raise `ValueError` naming the first loss in `metrics` that is NaN or infinite."
+    for name, value in metrics.items():
+        if not math.isfinite(value):
+            raise ValueError(f"The {name} loss is {value}; lower lr_fake and lr_gen, or check that the teacher's "
+                             f"weights are finite.")
+
 def _fake_loss(
     self: SFDTrainer,
     labels: Tensor,  # (B,) remaining-class labels
@@ -532,6 +588,7 @@ def _fake_loss(
         forget = fake_score_loss(self.fake, x_f, forget_cond, self.schedule, t_min, t_max, generator=self.rng)
         total = total + cfg.lambda_forget_fake * forget
         metrics["fake/forget"] = forget.item()
+    _check_losses(metrics)
     return total, metrics
 SFDTrainer.fake_loss = _fake_loss
 
@@ -577,6 +634,7 @@ def _generator_loss(
                                         t_min=t_min, t_max=t_max, **sid)
             total = total + cfg.lambda_forget_gen * forget
             metrics["gen/forget"] = forget.item()
+    _check_losses(metrics)
     return total, metrics
 SFDTrainer.generator_loss = _generator_loss
 
@@ -712,6 +770,9 @@ def _generator_from_pretrained(
 ) -> OneStepGenerator:
     "Load a one-step generator saved by `SFDTrainer.save_pretrained`."
     folder = Path(folder)
+    if subfolder not in ("generator_ema", "generator"):
+        raise ValueError(f"subfolder must be 'generator_ema' or 'generator', got {subfolder!r}; the fake score "
+                         f"is not a generator, load it with the UNet class's from_pretrained.")
     if not (folder / subfolder / "config.json").is_file():
         raise FileNotFoundError(f"No {subfolder}/config.json in {folder}; pass a folder written by save_pretrained.")
     class_name = json.loads((folder / subfolder / "config.json").read_text())["_class_name"]
@@ -948,6 +1009,18 @@ class ExperimentConfig:
     sfd: SFDConfig = field(default_factory=SFDConfig.small)  # distillation settings (forget weights for SFD)
     seed: int = 0
 
+    def __post_init__(self):
+        for name in ("teacher_steps", "teacher_batch_size", "classifier_steps", "classifier_batch_size",
+                     "ddim_steps", "eval_samples_per_class", "curve_samples_per_class", "eval_every"):
+            _check_count(name, getattr(self, name))
+        _check_real("teacher_lr", self.teacher_lr, "a finite learning rate > 0, e.g. 1e-3", 0.0, strict=True)
+        _check_real("teacher_guidance_scale", self.teacher_guidance_scale, "a finite number >= 0 (1 for no "
+                    "guidance)", 0.0)
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout!r}.")
+        if not isinstance(self.sfd, SFDConfig):
+            raise ValueError(f"sfd must be an SFDConfig, got {type(self.sfd).__name__}.")
+
     @classmethod
     def small(cls, **overrides) -> "ExperimentConfig":
         "8x8 digits on CPU: 0.18 M-parameter teacher (2,000 steps at batch 64), 120 SFD iterations at batch 32."
@@ -1154,7 +1227,7 @@ def plot_sample_grids(
     samples: dict[str, Tensor],  # panel title -> (K * n, 1, H, W) images in [-1, 1], grouped by requested class
     forget_label: int,  # row to frame
     num_classes: int = 10,
-    per_row: int = 8,  # images shown per class
+    per_row: int = 8,  # images shown per class, at most the number each class has
     title: str = "",  # the setting
 ):
     "One panel per generator, one row per requested class, the forget-class row framed in red; returns the Figure."
@@ -1164,11 +1237,15 @@ def plot_sample_grids(
     axes = np.atleast_1d(axes)
     for ax, (name, images) in zip(axes, samples.items()):
         per_class = len(images) // num_classes
-        rows = [images[k * per_class:k * per_class + per_row, 0].clamp(-1, 1) for k in range(num_classes)]
-        grid = torch.cat([torch.cat(list(row), dim=1) for row in rows], dim=0).cpu()  # (K * H, per_row * W)
+        if per_class < 1:
+            raise ValueError(f"Panel {name!r} has {len(images)} images, fewer than one per class for "
+                             f"{num_classes} classes; generate at least one image per class.")
+        images_per_row = min(per_row, per_class)  # a small evaluation run may have fewer than per_row images per class
+        rows = [images[k * per_class:k * per_class + images_per_row, 0].clamp(-1, 1) for k in range(num_classes)]
+        grid = torch.cat([torch.cat(list(row), dim=1) for row in rows], dim=0).cpu()  # (K * H, images_per_row * W)
         height, width = images.shape[-2:]
         ax.imshow(grid, cmap="gray", vmin=-1, vmax=1)
-        ax.add_patch(Rectangle((-0.5, forget_label * height - 0.5), per_row * width, height, fill=False,
+        ax.add_patch(Rectangle((-0.5, forget_label * height - 0.5), images_per_row * width, height, fill=False,
                                edgecolor="red", linewidth=2))
         ax.set_yticks([k * height + height / 2 for k in range(num_classes)], [str(k) for k in range(num_classes)])
         ax.set_xticks([])
@@ -1232,13 +1309,35 @@ def results_table(
     return "\n".join(lines) + "\n\n" + "\n".join(fid_lines) + "\n"
 
 # %% ../nbs/18_sfd.ipynb #72b6ea8a
-_SFD_OPTIONS = {"steps": "n_iters", "lambda_forget": None, "forget_label": "forget_label",
-                "override_label": "override_label", "batch_size": "batch_size", "lr": None}
-_EXPERIMENT_OPTIONS = ("teacher_steps", "classifier_steps", "eval_samples_per_class", "eval_every")
+_SFD_INT_OPTIONS = {"steps": "n_iters", "forget_label": "forget_label", "batch_size": "batch_size"}
+_SFD_OPTIONS = (*_SFD_INT_OPTIONS, "override_label", "override_mode", "lambda_forget", "lr")
+_EXPERIMENT_OPTIONS = ("teacher_steps", "classifier_steps", "eval_samples_per_class", "eval_every",
+                       "curve_samples_per_class", "ddim_steps")
 _FLOAT_EXPERIMENT_OPTIONS = ("teacher_guidance_scale",)
 
+def _parse_int(name: str, value) -> int:
+    "Parse a `--set` value as an integer, rejecting fractions such as 2.5 instead of truncating them."
+    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
+        return int(value)
+    text = str(value).strip()
+    if not re.fullmatch(r"[+-]?\d+", text):
+        raise ValueError(f"--set {name}={value} is invalid: {name} must be an integer, e.g. {name}=10.")
+    return int(text)
+
+def _parse_float(name: str, value) -> float:
+    "Parse a `--set` value as a float, naming the option when it is not a number."
+    try:
+        if isinstance(value, bool):
+            raise ValueError
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"--set {name}={value} is invalid: {name} must be a number, e.g. {name}=0.1.") from None
+
 def experiment_config(preset: str, options: dict | None = None, seed: int = 0) -> ExperimentConfig:
-    "Build the `ExperimentConfig` of a preset with `--set` overrides applied."
+    """Build the `ExperimentConfig` of a preset with `--set` overrides applied.
+
+    `override_label=none` together with `override_mode=rand` queries the teacher with a random remaining class per
+    sample. Every value is checked here, so a bad option fails before any training starts."""
     presets = {"small": ExperimentConfig.small, "real": ExperimentConfig.real, "paper": ExperimentConfig.paper}
     if preset not in presets:
         raise ValueError(f"Unknown preset {preset!r}; valid presets are {sorted(presets)}.")
@@ -1247,15 +1346,24 @@ def experiment_config(preset: str, options: dict | None = None, seed: int = 0) -
     unknown = set(options) - valid
     if unknown:
         raise ValueError(f"Unknown options {sorted(unknown)}; valid ones are {sorted(valid)}.")
-    experiment = {k: int(options.pop(k)) for k in _EXPERIMENT_OPTIONS if k in options}
-    experiment.update({k: float(options.pop(k)) for k in _FLOAT_EXPERIMENT_OPTIONS if k in options})
+    experiment = {k: _parse_int(k, options[k]) for k in _EXPERIMENT_OPTIONS if k in options}
+    experiment.update({k: _parse_float(k, options[k]) for k in _FLOAT_EXPERIMENT_OPTIONS if k in options})
     config = presets[preset](seed=seed, **experiment)
-    sfd = {field_name: int(options[key]) for key, field_name in _SFD_OPTIONS.items() if field_name and key in options}
+    sfd = {field_name: _parse_int(key, options[key]) for key, field_name in _SFD_INT_OPTIONS.items() if key in options}
+    if "override_label" in options:
+        value = options["override_label"]
+        none = value is None or str(value).strip().lower() == "none"
+        sfd["override_label"] = None if none else _parse_int("override_label", value)
+    if "override_mode" in options:
+        sfd["override_mode"] = str(options["override_mode"]).strip()
     if "lambda_forget" in options:
-        sfd["lambda_forget_fake"] = sfd["lambda_forget_gen"] = float(options["lambda_forget"])
+        sfd["lambda_forget_fake"] = sfd["lambda_forget_gen"] = _parse_float("lambda_forget", options["lambda_forget"])
     if "lr" in options:
-        sfd["lr_fake"] = sfd["lr_gen"] = float(options["lr"])
-    config.sfd = replace(config.sfd, seed=seed, **sfd)
+        sfd["lr_fake"] = sfd["lr_gen"] = _parse_float("lr", options["lr"])
+    try:
+        config.sfd = replace(config.sfd, seed=seed, **sfd)
+    except ValueError as error:
+        raise ValueError(f"Invalid --set options {sorted(options)}: {error}") from None
     return config
 
 def reproduce(config) -> dict:
@@ -1291,6 +1399,8 @@ class GuidedScore(nn.Module):
         guidance_scale: float = 4.5,  # s; 1 turns guidance off (official SD setting 4.5)
     ):
         super().__init__()
+        if not uncond.is_floating_point():
+            _check_class_ids(net, uncond, "uncond (the null label)")
         self.net, self.guidance_scale = net, guidance_scale
         self.register_buffer("uncond", uncond)
 

@@ -2,6 +2,7 @@
 and the text-to-image path on a tiny `UNet2DConditionModel`."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -12,8 +13,8 @@ from alignbook.sfd import (
     ExperimentConfig, GuidedScore, LabelledEpsMLP, OneStepGenerator, SFDConfig, SFDTrainer, VPSchedule,
     build_teacher_unet, class_conditional_unet, concept_forgetting_config, ddim_sample, decode_latents,
     experiment_config, fake_score_loss, forgetting_metrics, frechet_distance, gaussian_mixture, mixture_means,
-    predict_eps, random_batches, results_table, sample_override_labels, sid_generator_loss, sid_loss_from_denoised,
-    teacher_loss_fn,
+    plot_sample_grids, predict_eps, random_batches, results_table, sample_override_labels, sid_generator_loss,
+    sid_loss_from_denoised, teacher_loss_fn,
 )
 from alignbook.train import train as shared_train
 
@@ -214,6 +215,8 @@ def test_save_and_load_generator(teacher, tmp_path):
     z, c = torch.randn(2, 1, 8, 8), torch.tensor([3, 7])
     with torch.no_grad():
         torch.testing.assert_close(loaded(z, c), trainer.generator(z, c))
+    with pytest.raises(ValueError, match="subfolder must be 'generator_ema' or 'generator', got 'fake'"):
+        OneStepGenerator.from_pretrained(tmp_path, "fake")
 
 
 def test_data_free_contract_rejects_images(teacher):
@@ -416,3 +419,84 @@ def test_results_table_rows_and_columns():
         assert len({line.count("|") for line in lines}) == 1
     assert accuracy_lines[3] == "| SFD one-step | 0.00 | 0.97 | 0.00 | 0.96 | 0.970 | 95 |"
     assert distance_lines[2] == "| SiD one-step | 38 | 80 | 3100 |"
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("lambda_forget_gen", float("nan"), "lambda_forget_gen must be a finite weight >= 0"),
+    ("lambda_forget_fake", -0.5, "lambda_forget_fake must be a finite weight >= 0"),
+    ("lambda_remain_gen", float("inf"), "lambda_remain_gen must be a finite weight >= 0"),
+    ("lambda_remain_fake", -1.0, "lambda_remain_fake must be a finite weight >= 0"),
+    ("lr_fake", 0.0, "lr_fake must be a finite learning rate > 0"),
+    ("lr_gen", float("nan"), "lr_gen must be a finite learning rate > 0"),
+    ("batch_size", 0, "batch_size must be an integer >= 1"),
+    ("n_iters", -3, "n_iters must be an integer >= 1"),
+    ("ema_decay", 1.0, r"ema_decay must lie in \[0, 1\)"),
+    ("t_min", 712, "t_min below t_max"),
+])
+def test_config_rejects_bad_values(name, value, message):
+    with pytest.raises(ValueError, match=message):
+        SFDConfig.small(**{name: value})
+
+
+def test_experiment_config_rejects_bad_sizes():
+    for name in ("teacher_steps", "teacher_batch_size", "classifier_steps", "classifier_batch_size", "ddim_steps",
+                 "eval_samples_per_class", "curve_samples_per_class", "eval_every"):
+        with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
+            ExperimentConfig.small(**{name: 0})
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"steps": "2.5"}, "steps must be an integer"),
+    ({"steps": 2.5}, "steps must be an integer"),
+    ({"steps": "abc"}, "--set steps=abc is invalid"),
+    ({"steps": "-3"}, "n_iters must be an integer >= 1"),
+    ({"lr": "-1"}, "lr_fake must be a finite learning rate > 0"),
+    ({"lambda_forget": "nan"}, "lambda_forget_fake must be a finite weight"),
+    ({"lambda_forget": True}, "lambda_forget must be a number"),
+    ({"eval_samples_per_class": "0"}, "eval_samples_per_class must be an integer >= 1"),
+    ({"override_label": "none"}, "needs an override_label"),
+])
+def test_experiment_options_rejected(options, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        experiment_config("small", options)
+
+
+def test_experiment_options_random_override():
+    config = experiment_config("small", {"override_label": "none", "override_mode": "rand"})
+    assert config.sfd.override_label is None
+    assert config.sfd.override_mode == "rand"
+
+
+def test_sample_grid_with_fewer_images_than_row():
+    import matplotlib.pyplot as plt
+    images = torch.rand(40, 1, 8, 8) * 2 - 1  # 4 images for each of 10 classes, below per_row=8
+    fig = plot_sample_grids({"SFD": images}, forget_label=0)
+    assert fig.axes[0].images[0].get_array().shape == (80, 32)
+    plt.close(fig)
+
+
+def test_nonfinite_loss_names_the_loss(teacher):
+    trainer = SFDTrainer(copy.deepcopy(teacher), SFDConfig.small(batch_size=4))
+    with torch.no_grad():
+        trainer.fake.conv_out.weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match="fake/remain loss is nan; lower lr_fake and lr_gen"):
+        trainer.step(torch.tensor([1, 2, 3, 4]))
+
+
+def test_generator_rejects_bad_inputs(teacher):
+    trainer = SFDTrainer(teacher, SFDConfig.small(batch_size=4))
+    with pytest.raises(ValueError, match=r"cond must lie in \[0, 11\)"):
+        trainer.generator(torch.randn(2, 1, 8, 8), torch.tensor([3, 11]))
+    with pytest.raises(ValueError, match="z contains non-finite values"):
+        trainer.generator(torch.full((2, 1, 8, 8), float("nan")), torch.tensor([3, 4]))
+    with pytest.raises(ValueError, match="labels is empty"):
+        trainer.step(torch.tensor([], dtype=torch.long))
+
+
+def test_trainer_without_null_class():
+    unet = class_conditional_unet(block_out_channels=(16, 32), num_classes=9, seed=0)  # 10 embeddings, no null
+    trainer = SFDTrainer(unet, SFDConfig.small(batch_size=4))
+    metrics = trainer.step(torch.tensor([1, 2, 3, 9]))
+    assert all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+    with pytest.raises(ValueError, match=r"uncond \(the null label\) must lie in \[0, 10\)"):
+        GuidedScore(unet, torch.tensor([10]), guidance_scale=2.0)
