@@ -185,7 +185,7 @@ def rk45_sample(
 ) -> tuple[Tensor, int]:  # (B, d) z at t1, and the number of velocity evaluations
     "Adaptive RK45 (scipy.integrate.solve_ivp) integration of dz/dt = v(z, t) from t0 to t1."
     from scipy.integrate import solve_ivp
-
+    _check_times(t0, t1)
     shape, dtype, device = z0.shape, z0.dtype, z0.device
 
     def rhs(t, flat):
@@ -417,6 +417,9 @@ def encode_batch(
         raise ValueError("texts is empty; pass at least one sentence.")
     rows = []
     for text in texts:
+        if not isinstance(text, str):
+            raise ValueError(f"texts must contain strings, got {type(text).__name__} {text!r}; pass one sentence "
+                             "per entry.")
         ids = (tokenizer.encode(text, allow_unknown=allow_unknown) if isinstance(tokenizer, WordTokenizer)
                else tokenizer.encode(text))
         if not ids:
