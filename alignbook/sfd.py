@@ -1264,7 +1264,8 @@ def plot_forgetting_curves(
     "Fraction of c_f requests read as c_f and as c_o, and remaining-class accuracy, against iterations."
     import matplotlib.pyplot as plt
     panels = [("eval/forget_acc", f"requests for {forget_label} read as {forget_label}"),
-              ("eval/override_rate", f"requests for {forget_label} read as {override_label}"),
+              ("eval/override_rate", f"requests for {forget_label} read as {override_label}" if override_label
+               is not None else "random override classes: no fixed class to read"),
               ("eval/remain_acc", "accuracy on remaining classes")]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
     for ax, (key, label) in zip(axes, panels):
@@ -1293,19 +1294,20 @@ def results_table(
     rows = {k: v for k, v in (rows or RESULT_ROWS).items() if k in metrics}
     num_classes = len(next(iter(metrics.values()))["per_class_acc"])
     classes = " | ".join(str(k) for k in range(num_classes))
-    lines = [f"| generator | {classes} | read as {forget_label} | read as {override_label} | remaining acc. | "
+    override_name = override_label if override_label is not None else "c_o (random, not measured)"
+    lines = [f"| generator | {classes} | read as {forget_label} | read as {override_name} | remaining acc. | "
              f"Fréchet, remaining |", "| --- " * (num_classes + 5) + "|"]
-    fid_lines = [f"| generator | {classes} | G({forget_label}) to real {override_label} |",
+    fid_lines = [f"| generator | {classes} | G({forget_label}) to real {override_name} |",
                  "| --- " * (num_classes + 2) + "|"]
     for key, name in rows.items():
         m = metrics[key]
         accs = " | ".join(f"{a:.2f}" for a in m["per_class_acc"])
-        override = m.get("override_rate", float("nan"))
-        lines.append(f"| {name} | {accs} | {m['forget_acc']:.2f} | {override:.2f} | {m['remain_acc']:.3f} | "
+        override = f"{m['override_rate']:.2f}" if "override_rate" in m else "–"
+        lines.append(f"| {name} | {accs} | {m['forget_acc']:.2f} | {override} | {m['remain_acc']:.3f} | "
                      f"{m['frechet_remain']:.0f} |")
         dists = " | ".join(f"{d:.0f}" for d in m["frechet_per_class"])
-        to_override = m.get("frechet_forget_to_override", float("nan"))
-        fid_lines.append(f"| {name} | {dists} | {to_override:.0f} |")
+        to_override = (f"{m['frechet_forget_to_override']:.0f}" if "frechet_forget_to_override" in m else "–")
+        fid_lines.append(f"| {name} | {dists} | {to_override} |")
     return "\n".join(lines) + "\n\n" + "\n".join(fid_lines) + "\n"
 
 # %% ../nbs/18_sfd.ipynb #72b6ea8a
