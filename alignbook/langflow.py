@@ -327,6 +327,9 @@ class DiffusionBaseline(nn.Module):
     ) -> Tensor:  # generated samples, shaped like `noise`
         "Ancestral DDPM sampling with `num_steps` steps of diffusers' DDPMScheduler."
         _check_num_steps(num_steps)
+        if num_steps > self.scheduler.config.num_train_timesteps:
+            raise ValueError(f"num_steps={num_steps} exceeds the {self.scheduler.config.num_train_timesteps} "
+                             "training timesteps of the scheduler; pass at most that many.")
         self.scheduler.set_timesteps(num_steps)
         z = noise
         for timestep in self.scheduler.timesteps:
@@ -1293,6 +1296,11 @@ def pad_ids(
 
 
 @torch.no_grad()
+def _check_vocabulary(tokenizer: WordTokenizer, embedding: TokenEmbedding) -> None:
+    if len(tokenizer) != embedding.vocab_size:
+        raise ValueError(f"The tokenizer has {len(tokenizer)} words but the embedding table has "
+                         f"{embedding.vocab_size}; pass the tokenizer the embeddings were trained with.")
+
 def round_to_texts(
     embedding: TokenEmbedding,
     tokenizer: WordTokenizer,
@@ -1302,6 +1310,10 @@ def round_to_texts(
     check_shape("x", x, (None, None, embedding.embed_dim))
     if x.shape[0] == 0:
         raise ValueError("x is an empty batch (B = 0); pass at least one generated sequence.")
+    if not x.is_floating_point():
+        raise ValueError(f"x must hold generated vectors (a floating-point tensor), got dtype {x.dtype}; token ids "
+                         "need no rounding, decode them with the tokenizer.")
+    _check_vocabulary(tokenizer, embedding)
     rounded = embedding.round(x).tolist()  # one tensor-to-list conversion per batch
     # <unk> is dropped like padding: it is no word, so a generated <unk> carries no text
     specials = (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.unk_token_id)
@@ -1330,9 +1342,7 @@ class EmbeddingRectifiedFlow:
         if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
             raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass the number of positions "
                              "the velocity was trained on (max_words + 1 in the experiment).")
-        if len(tokenizer) != embedding.vocab_size:
-            raise ValueError(f"The tokenizer has {len(tokenizer)} words but the embedding table has "
-                             f"{embedding.vocab_size}; pass the tokenizer the embeddings were trained with.")
+        _check_vocabulary(tokenizer, embedding)
         self.embedding, self.tokenizer, self.velocity, self.seq_len = embedding.eval(), tokenizer, velocity.eval(), seq_len
 
     def sample_vectors(
