@@ -118,7 +118,7 @@ def _align_segment_ids(
     token_type_ids: Tensor | None,  # (B, T_total) segment ids of the whole sequence so far, T_total >= T
     batch_size: int,
     length: int,  # T, the number of positions in this forward call
-    cached: bool = False,  # a KV cache holds the earlier positions, so T_total may exceed T
+    cached: bool = False,  # a KV cache contains the earlier positions, so T_total may exceed T
 ) -> Tensor:  # (B, T)
     if token_type_ids is None:
         raise ValueError("ISE model called without segment ids: pass token_type_ids (B, T) with one role id per "

@@ -1526,6 +1526,7 @@ def _check_config_numbers(config: "LangFlowConfig") -> None:
     "Raise ValueError naming the first numeric field of `config` that has the wrong type or range."
     if not _is_int(config.seed):
         raise ValueError(f"seed must be an int, got {config.seed!r}.")
+
     for name in _CONFIG_POSITIVE_INTS:
         if not _is_int(getattr(config, name)) or getattr(config, name) < 1:
             raise ValueError(f"{name} must be a positive int, got {getattr(config, name)!r}.")
@@ -1536,17 +1537,20 @@ def _check_config_numbers(config: "LangFlowConfig") -> None:
         value, positive = getattr(config, name), name in _CONFIG_POSITIVE_FLOATS
         if not _is_real(value) or value < 0 or (positive and value == 0):
             raise ValueError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}.")
+
     if not _is_real(config.eval_fraction) or not 0 < config.eval_fraction < 1:
         raise ValueError(f"eval_fraction must be a number in (0, 1), got {config.eval_fraction!r}.")
     if config.ema_decay is not None and (not _is_real(config.ema_decay) or not 0 < config.ema_decay < 1):
         raise ValueError(f"ema_decay must be None (no EMA) or a number in (0, 1) such as 0.999, "
                          f"got {config.ema_decay!r}.")
+
     _check_step_tuple("step_grid", config.step_grid)
     _check_step_tuple("token_step_grid", config.token_step_grid)
     scales = config.guidance_scales
     if not isinstance(scales, tuple) or not scales or not all(_is_real(s) and s >= 0 for s in scales):
         raise ValueError(f"guidance_scales must be a non-empty tuple of finite numbers >= 0 such as (0.0, 2.0), "
                          f"got {scales!r}; on the command line write --set guidance_scales=0,2.")
+
     if config.token_hidden % config.token_heads:
         raise ValueError(f"token_heads={config.token_heads} must divide token_hidden={config.token_hidden}, "
                          "the Transformer width of the embedding route; change token_heads or token_hidden.")
@@ -2253,9 +2257,9 @@ def _parse_number(text: str):
 
 
 def _convert_option(name: str, value, field_type: str):
-    """Convert a command-line value to the field's type: tuple fields take a list, one number or
-    comma-separated numbers ('1,2'); int and float fields take numeric strings. Other values pass through
-    unchanged and `LangFlowConfig` validates them."""
+    """Convert a command-line value to the field's type. Tuple fields take a list, one number or comma-separated
+    numbers ('1,2'), and int and float fields take numeric strings. Other values pass through unchanged, because
+    `LangFlowConfig` validates them."""
     if field_type == "tuple":
         if isinstance(value, list):
             return tuple(value)
