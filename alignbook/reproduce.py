@@ -8,18 +8,25 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
+import numbers
+import re
+import shlex
 import time
 import traceback
+import types
+import typing
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from pathlib import Path, PurePath
+from typing import Any, Literal, NamedTuple
 
 from .core import get_logger
 
 logger = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'CHAPTERS', 'PRESETS', 'Chapter', 'ReproduceConfig', 'write_metrics', 'save_figure', 'ChapterResult',
+__all__ = ['logger', 'CHAPTERS', 'PRESETS', 'Chapter', 'ReproduceConfig', 'OptionSpec', 'convert_option', 'option_specs',
+           'check_option_names', 'convert_options', 'apply_options', 'write_metrics', 'save_figure', 'ChapterResult',
            'run_chapter', 'write_summary']
 
 # %% ../nbs/05_reproduce.ipynb #948f0f00
@@ -72,6 +79,402 @@ class ReproduceConfig:
         path = self.out_dir / self.chapter
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+# %% ../nbs/05_reproduce.ipynb #565a23d8
+class OptionSpec(NamedTuple):
+    "Type of one `--set` option: the annotation its value is converted to, and the value it replaces."
+    annotation: Any
+    current: Any = dataclasses.MISSING  # the preset's value, which types a bare `tuple` and is the example in errors
+
+class _Mismatch(Exception):
+    "Raised for a value that does not fit an annotation. `expected` replaces the annotation's description."
+    def __init__(self, detail: str = "", expected: str = ""):
+        super().__init__(detail)
+        self.detail, self.expected = detail, expected
+
+_NONE_WORDS = ("none", "null")
+_TRUE_WORDS, _FALSE_WORDS = ("true", "yes", "1"), ("false", "no", "0")
+_PLURALS = {int: "integers", float: "numbers", str: "strings", bool: "booleans (true or false)"}
+
+# %% ../nbs/05_reproduce.ipynb #4427529e
+def _is_union(annotation) -> bool:
+    return typing.get_origin(annotation) in (typing.Union, types.UnionType)
+
+def _is_sequence(annotation) -> bool:
+    return annotation in (tuple, list) or typing.get_origin(annotation) in (tuple, list)
+
+def _nested_dataclass(annotation):
+    "The dataclass type of a field annotated `X` or `X | None` with a dataclass `X`, else None."
+    members = typing.get_args(annotation) if _is_union(annotation) else (annotation,)
+    found = [m for m in members if isinstance(m, type) and dataclasses.is_dataclass(m)]
+    return found[0] if len(found) == 1 else None
+
+def _element_types(annotation) -> tuple | None:
+    "Element annotations of a fixed-length tuple, or None for `tuple[X, ...]`, `list[X]` and a bare sequence."
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is tuple and args and not (len(args) == 2 and args[1] is Ellipsis):
+        return args
+    return None
+
+def _element_type(annotation):
+    "Element annotation of `tuple[X, ...]` or `list[X]`, or Any for a bare `tuple` or `list`."
+    args = typing.get_args(annotation)
+    return args[0] if args else Any
+
+def _expected(annotation) -> str:
+    "Description of the values `annotation` accepts, as used in error messages."
+    if _is_union(annotation):
+        members = [_expected(m) for m in typing.get_args(annotation) if m is not type(None)]
+        return " or ".join(members + (["none"] if type(None) in typing.get_args(annotation) else []))
+    if typing.get_origin(annotation) is Literal:
+        return f"one of {list(typing.get_args(annotation))}"
+    if _is_sequence(annotation):
+        fixed = _element_types(annotation)
+        if fixed is not None:
+            return f"a list of {len(fixed)} values ({', '.join(_expected(e) for e in fixed)})"
+        element = _element_type(annotation)
+        return "a list" if element is Any else f"a list of {_plural(element)}"
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        return "a JSON object"
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+    if annotation in names:
+        return names[annotation]
+    if isinstance(annotation, type) and issubclass(annotation, PurePath):
+        return "a path"
+    return f"a {getattr(annotation, '__name__', str(annotation))}"
+
+def _plural(annotation) -> str:
+    "Description of several values of `annotation`, as in 'a list of integers'."
+    if annotation in _PLURALS:
+        return _PLURALS[annotation]
+    if typing.get_origin(annotation) is Literal:
+        return f"values from {list(typing.get_args(annotation))}"
+    if _is_sequence(annotation):
+        return "lists" + _expected(annotation).removeprefix("a list")
+    return f"values that are each {_expected(annotation)}"
+
+def _annotation_of(value):
+    "Annotation that describes a preset value: `(16, 32)` gives `tuple[int, ...]`, `(0, 2.5)` `tuple[float, ...]`."
+    if isinstance(value, bool):
+        return bool
+    if isinstance(value, numbers.Integral):
+        return int
+    if isinstance(value, numbers.Real):
+        return float
+    if isinstance(value, str):
+        return str
+    if isinstance(value, (tuple, list)) and value:
+        kinds = {_annotation_of(v) for v in value}
+        if kinds <= {int, float}:
+            element = float if float in kinds else int
+        else:
+            element = kinds.pop() if len(kinds) == 1 else Any
+        return tuple[element, ...] if isinstance(value, tuple) else list[element]
+    return Any
+
+def _with_element_types(annotation, current):
+    "`annotation` with a bare `tuple` or `list`, or one of `Any` elements, typed from the preset value `current`."
+    if _is_union(annotation):
+        return typing.Union[tuple(_with_element_types(m, current) for m in typing.get_args(annotation))]
+    if _is_sequence(annotation) and _element_types(annotation) is None and _element_type(annotation) is Any:
+        inferred = _annotation_of(current) if isinstance(current, (tuple, list)) else Any
+        if inferred is not Any and _element_type(inferred) is not Any:
+            container = list if list in (annotation, typing.get_origin(annotation)) else tuple
+            return tuple[_element_type(inferred), ...] if container is tuple else list[_element_type(inferred)]
+    return annotation
+
+# %% ../nbs/05_reproduce.ipynb #a06ff41f
+def _json_scalar(text: str):
+    "A number, boolean or null written in `text`, else the stripped text itself."
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return text.strip()
+    return value if value is None or isinstance(value, (bool, int, float)) else text.strip()
+
+def _sequence_items(value) -> list:
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            try:
+                return list(json.loads(text))
+            except json.JSONDecodeError:
+                raise _Mismatch("it is not a valid JSON list") from None
+        return [] if not text else [part.strip() for part in text.split(",")]
+    if value is None or isinstance(value, dict):
+        raise _Mismatch()
+    return [value]  # one number or boolean is a one-element list
+
+def _convert_sequence(value, annotation):
+    container = list if list in (annotation, typing.get_origin(annotation)) else tuple
+    items = _sequence_items(value)
+    fixed = _element_types(annotation)
+    if fixed is not None and len(items) != len(fixed):
+        raise _Mismatch(f"it has {len(items)} elements")
+    elements = fixed if fixed is not None else [_element_type(annotation)] * len(items)
+    converted = []
+    for item, element in zip(items, elements):
+        if element is Any and isinstance(item, str):
+            item = _json_scalar(item)
+        try:
+            converted.append(_convert(item, element))
+        except _Mismatch:
+            raise _Mismatch(f"element {item!r} is not {_expected(element)}") from None
+    return container(converted)
+
+def _convert_scalar(value, annotation):
+    if annotation is bool:
+        if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_"):  # bool, numpy.bool_ or numpy.bool
+            return bool(value)
+        if isinstance(value, numbers.Integral) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in _TRUE_WORDS + _FALSE_WORDS:
+            return value.strip().lower() in _TRUE_WORDS
+        raise _Mismatch()
+    if isinstance(value, bool):
+        raise _Mismatch()
+    if annotation is int:
+        if isinstance(value, numbers.Integral):
+            return int(value)
+        if isinstance(value, str) and re.fullmatch(r"\s*[+-]?\d+\s*", value):
+            return int(value)
+        raise _Mismatch()
+    if isinstance(value, numbers.Real):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            raise _Mismatch() from None
+    else:
+        raise _Mismatch()
+    if not math.isfinite(number):
+        raise _Mismatch(expected="a finite number")
+    return number
+
+def _convert(value, annotation):
+    "`value` converted to `annotation`; raises `_Mismatch` when it does not fit."
+    if annotation is Any or annotation is object:
+        return value
+    if _is_union(annotation):
+        members = typing.get_args(annotation)
+        if type(None) in members and (value is None or (isinstance(value, str) and
+                                                        value.strip().lower() in _NONE_WORDS)):
+            return None
+        for member in members:
+            if member is type(None):
+                continue
+            try:
+                return _convert(value, member)
+            except _Mismatch:
+                pass
+        raise _Mismatch()
+    if typing.get_origin(annotation) is Literal:
+        for choice in typing.get_args(annotation):
+            if type(value) is type(choice) and value == choice:
+                return choice
+            if isinstance(value, str) and not isinstance(choice, str) and value.strip() == str(choice).lower():
+                return choice  # "none" for a None choice, "1" for 1
+        raise _Mismatch()
+    if _is_sequence(annotation):
+        return _convert_sequence(value, annotation)
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        if isinstance(value, str) and value.strip().startswith("{"):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise _Mismatch("it is not a valid JSON object") from None
+        if not isinstance(value, dict):
+            raise _Mismatch()
+        key_type, value_type = typing.get_args(annotation) or (Any, Any)
+        return {_convert(k, key_type): _convert(v, value_type) for k, v in value.items()}
+    if annotation in (bool, int, float):
+        return _convert_scalar(value, annotation)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            return str(value)  # `--set model=123` reaches the chapter as the integer 123
+        raise _Mismatch()
+    if isinstance(annotation, type) and issubclass(annotation, PurePath):
+        if isinstance(value, (str, PurePath)):
+            return annotation(value)
+        raise _Mismatch()
+    if isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+        raise _Mismatch()
+    return value  # NOTE: other typing constructs (Callable, TypeVar, ...) are not checked
+
+def _format_example(value) -> str:
+    "`value` written as a `--set` value."
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    if isinstance(value, (tuple, list)):
+        if value and all(isinstance(v, (int, float, str)) and not isinstance(v, bool) for v in value) \
+                and not any(isinstance(v, str) and "," in v for v in value):
+            return ",".join(str(v) for v in value)
+        return shlex.quote(json.dumps(value, default=str))
+    if isinstance(value, dict):
+        return shlex.quote(json.dumps(value, default=str))
+    text = str(value)
+    return shlex.quote(text) if len(text) <= 40 else "TEXT"
+
+def _example(annotation, current) -> str:
+    "A valid `--set` value: the preset's value when it fits `annotation`, else one made up from the type."
+    if current is not dataclasses.MISSING and current is not None:
+        try:
+            return _format_example(_convert(current, annotation))
+        except _Mismatch:
+            pass
+    if _is_union(annotation):
+        members = [m for m in typing.get_args(annotation) if m is not type(None)]
+        return _example(members[0], dataclasses.MISSING) if members else "none"
+    if typing.get_origin(annotation) is Literal:
+        return _format_example(typing.get_args(annotation)[0])
+    if _is_sequence(annotation):
+        fixed = _element_types(annotation)
+        elements = fixed if fixed is not None else [_element_type(annotation)] * 2
+        parts = [_example(e, dataclasses.MISSING) for e in elements]
+        return ",".join(parts) if all(e in (int, float, str, bool) for e in elements) else \
+            shlex.quote("[" + ", ".join(parts) + "]")
+    examples = {bool: "true", int: "10", float: "0.1", str: "TEXT"}
+    if annotation in examples:
+        return examples[annotation]
+    if annotation is dict or typing.get_origin(annotation) is dict:
+        return shlex.quote('{"key": "value"}')
+    return "VALUE"
+
+def convert_option(
+    name: str,  # option name as given to `--set`, used in the message
+    value,  # the value from the command line (parsed as JSON when possible) or from Python
+    annotation,  # the config field's type hint, e.g. `int`, `tuple[float, ...]`, `Literal["a", "b"]`, `int | None`
+    current=dataclasses.MISSING,  # the preset's value, which types a bare `tuple` and is the example in errors
+):
+    "Convert one `--set` value to `annotation`, or raise a ValueError that names the option, the value and a fix."
+    annotation = _with_element_types(annotation, current)
+    group = _nested_dataclass(annotation)
+    if group is not None and not isinstance(value, group):
+        if _is_union(annotation) and (value is None or (isinstance(value, str) and
+                                                        value.strip().lower() in _NONE_WORDS)):
+            return None
+        first = dataclasses.fields(group)[0].name
+        off = f", or turn it off with --set {name}=none" if _is_union(annotation) else ""
+        raise ValueError(f"Option {name} is a group of settings ({group.__name__}), got {value!r}; set its fields "
+                         f"one at a time, e.g. --set {name}.{first}=VALUE{off}.")
+    try:
+        return _convert(value, annotation)
+    except _Mismatch as mismatch:
+        expected = mismatch.expected or _expected(annotation)
+        detail = f" ({mismatch.detail})" if mismatch.detail else ""
+        raise ValueError(f"Option {name} must be {expected}, got {value!r}{detail}; pass e.g. "
+                         f"--set {name}={_example(annotation, current)}.") from None
+
+# %% ../nbs/05_reproduce.ipynb #cfecd360
+def _type_hints(cls) -> dict:
+    try:
+        return typing.get_type_hints(cls)
+    except (NameError, TypeError):  # an annotation that does not resolve: fall back to the preset values
+        return {}
+
+def option_specs(
+    config,  # a dataclass instance (its values become `OptionSpec.current`) or a dataclass type (its defaults)
+    prefix: str = "",  # text in front of every name, e.g. "lm_" for `--set lm_steps=300`
+) -> dict[str, OptionSpec]:  # option name -> OptionSpec
+    "Options of a dataclass: one per `__init__` field, and `field.name` for each field of a nested dataclass."
+    cls = config if isinstance(config, type) else type(config)
+    hints = _type_hints(cls)
+    specs = {}
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        if isinstance(config, type):
+            current = f.default if f.default is not dataclasses.MISSING else dataclasses.MISSING
+        else:
+            current = getattr(config, f.name)
+        if f.name in hints:
+            annotation = hints[f.name]
+        elif current is None or current is dataclasses.MISSING:
+            annotation = Any
+        else:
+            annotation = type(current) if dataclasses.is_dataclass(current) else _annotation_of(current)
+        specs[prefix + f.name] = OptionSpec(annotation, current)
+        group = _nested_dataclass(annotation)
+        if group is not None:
+            specs.update(option_specs(current if isinstance(current, group) else group, f"{prefix}{f.name}."))
+    return specs
+
+def _format_names(names) -> str:
+    "Sorted names, with the fields of each nested group listed once after `group.<field>`."
+    top = sorted(n for n in names if "." not in n)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        if "." in name:
+            group, field_name = name.rsplit(".", 1)
+            groups.setdefault(group, []).append(field_name)
+    text = str(top)
+    for group in sorted(groups):
+        text += f" and {group}.<field> for the fields {sorted(groups[group])}"
+    return text
+
+def check_option_names(
+    names,  # the option names given, e.g. the keys of `ReproduceConfig.options`
+    valid,  # the names the chapter accepts
+    chapter: str,  # chapter name for the message
+) -> None:
+    "Raise a ValueError that lists the valid names when any name in `names` is not one of them."
+    unknown = sorted(str(name) for name in names if name not in valid)
+    if unknown:
+        raise ValueError(f"Unknown option(s) {unknown} for the {chapter} chapter; valid options are "
+                         f"{_format_names(valid)}.")
+
+def convert_options(
+    options: dict,  # option name -> value
+    specs: dict[str, OptionSpec],  # option name -> its annotation and preset value
+    chapter: str,  # chapter name for messages
+) -> dict:  # option name -> converted value
+    "Check the option names against `specs` and convert every value with `convert_option`."
+    check_option_names(options, specs, chapter)
+    return {name: convert_option(name, value, *specs[name]) for name, value in options.items()}
+
+# %% ../nbs/05_reproduce.ipynb #6fbf7b69
+def _replace_fields(config, values: dict, prefix: str):
+    "Copy of `config` with `values` (field path -> value) set; nested dataclasses are copied too."
+    direct, nested = {}, {}
+    for path, value in values.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            direct[head] = value
+    for head, inner in nested.items():
+        group = direct.get(head, getattr(config, head))
+        if group is None:
+            raise ValueError(f"Option {prefix}{head}.{next(iter(inner))} cannot be set because {head} is None in "
+                             f"this configuration; choose a preset that has {head}.")
+        direct[head] = _replace_fields(group, inner, f"{prefix}{head}.")
+    return dataclasses.replace(config, **direct)
+
+def apply_options(
+    config,  # a dataclass instance, usually a preset's config
+    options: dict,  # option name -> value, e.g. `ReproduceConfig.options`
+    chapter: str,  # chapter name for messages
+    prefix: str = "",  # text in front of every field name, e.g. "lm_" for `--set lm_steps=300`
+    aliases: dict | None = None,  # option name -> field path, or tuple of paths that all take the value
+):
+    "Return a copy of `config` with `options` converted to the field types and set; nested fields included."
+    specs = option_specs(config, prefix)
+    aliases = {name: (paths,) if isinstance(paths, str) else tuple(paths) for name, paths in (aliases or {}).items()}
+    check_option_names(options, set(specs) | set(aliases), chapter)
+    values = {}
+    for name, value in options.items():
+        for path in aliases.get(name, (name[len(prefix):],)):
+            values[path] = convert_option(name, value, *specs[prefix + path])
+    return _replace_fields(config, values, prefix)
 
 # %% ../nbs/05_reproduce.ipynb #0bdd18d3
 def _to_jsonable(value):
