@@ -43,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     rep.add_argument("--set", dest="options", action="append", default=[], type=_parse_option, metavar="KEY=VALUE",
                      help="chapter-specific override of a config field, repeatable; the value is read as JSON "
-                          "(steps=50, seeds=[0,1]) and otherwise kept as a string; an unknown key is rejected with "
-                          "the list of valid ones")
+                          "(steps=50, seeds=[0,1]) or else kept as a string, then converted to the field's type "
+                          "(seeds=0,1 also works); an unknown key or a value of the wrong type is rejected before "
+                          "training starts")
     rep.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
 
