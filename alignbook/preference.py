@@ -428,14 +428,9 @@ def run_dpo_experiment(
 _PRESETS = {"small": DPOExperimentConfig.small, "real": DPOExperimentConfig.real, "paper": DPOExperimentConfig.paper}
 
 def experiment_config(preset: str, options: dict | None = None) -> DPOExperimentConfig:
-    "The preset's `DPOExperimentConfig` with `options` (field -> value) applied."
-    config = _PRESETS[preset]()
-    for key, value in (options or {}).items():
-        if not hasattr(config, key):
-            raise ValueError(f"Unknown option {key!r} for the dpo chapter; valid options are "
-                             f"{sorted(config.__dataclass_fields__)}.")
-        setattr(config, key, type(getattr(config, key))(value) if getattr(config, key) is not None else value)
-    return config
+    "The preset's `DPOExperimentConfig` with `options` (field -> value) converted by `apply_options` and applied."
+    from alignbook.reproduce import apply_options
+    return apply_options(_PRESETS[preset](), options or {}, "dpo")
 
 def _dpo_figures(reproduce_config, run: dict, config: DPOExperimentConfig) -> None:
     from alignbook.plots import plot_history
