@@ -16,6 +16,7 @@ from torch import Tensor
 
 from .core import check_shape, get_logger, sequence_logps, token_logps
 from .preference import dpo_loss, ipo_loss, preference_metrics, simpo_loss
+from .reproduce import apply_options
 
 logger = get_logger(__name__)
 
@@ -1194,33 +1195,14 @@ def plot_weights_and_frontier(
 # %% ../nbs/11_wpo.ipynb #99a80bfa
 _WPO_PRESETS = {"small": WPOExperimentConfig.small, "real": WPOExperimentConfig.real, "paper": WPOExperimentConfig.paper}
 
-def _parse_option(current, value):
-    "Convert a `--set` string to the type of the field's current value; 'none' gives None."
-    text = str(value)
-    if text.lower() == "none":
-        return None
-    if isinstance(current, tuple):
-        return tuple(float(v) for v in text.split(",") if v)  # an empty string gives (), which skips the task
-    if isinstance(current, bool):
-        return text.lower() in ("1", "true", "yes")
-    if current is None:  # an optional number that is unset in the preset
-        return float(text) if any(c in text for c in ".e") else int(text)
-    return type(current)(value)
-
 def wpo_experiment_config(preset: str, options: dict | None = None) -> WPOExperimentConfig:
-    "The preset's `WPOExperimentConfig` with `options` applied (field -> value; `real_study.<field>` for the study)."
+    "The preset's `WPOExperimentConfig` with `options` applied by `apply_options` (`real_study.<field>` for the study)."
+    options = options or {}
     config = _WPO_PRESETS[preset]()
-    for key, value in (options or {}).items():
-        target, name = config, key
-        if key.startswith("real_study."):
-            if config.real_study is None:
-                raise ValueError(f"Option {key!r} needs the pretrained-model study; use --preset real or paper.")
-            target, name = config.real_study, key.removeprefix("real_study.")
-        if name not in target.__dataclass_fields__:
-            raise ValueError(f"Unknown option {key!r} for the wpo chapter; valid options are "
-                             f"{sorted(config.__dataclass_fields__)} and real_study.<field> for the fields "
-                             f"{sorted(RealStudyConfig.__dataclass_fields__)}.")
-        setattr(target, name, _parse_option(getattr(target, name), value))
+    study_options = sorted(key for key in options if key.startswith("real_study."))
+    if study_options and config.real_study is None:
+        raise ValueError(f"Option {study_options[0]!r} needs the pretrained-model study; use --preset real or paper.")
+    config = apply_options(config, options, "wpo")
     _check_experiment(config)
     return config
 
