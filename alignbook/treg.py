@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import dataclasses
 import hashlib
 import json
 import math
@@ -24,7 +23,7 @@ from torch import Tensor, nn
 from .core import check_finite, check_shape, get_logger, sequence_logps, set_seed, token_logps
 from .data import PairCollator
 from .preference import dpo_loss, preference_metrics, reduce_losses, simpo_loss, split_pairs
-from .reproduce import ReproduceConfig, save_figure
+from .reproduce import ReproduceConfig, apply_options, save_figure
 
 logger = get_logger(__name__)
 
@@ -1203,13 +1202,7 @@ _REWARD_AUTOCAST = {"no": None, "bf16": torch.bfloat16}  # TREGConfig.reward_pre
 
 def _config_for(preset: str, options: dict) -> TREGConfig:
     config = {"small": TREGConfig.small, "real": TREGConfig.real, "paper": TREGConfig.paper}[preset]()
-    names = {f.name for f in dataclasses.fields(TREGConfig)}
-    for key, value in options.items():
-        if key not in names:
-            raise ValueError(f"Unknown option {key!r} for treg; valid options are {sorted(names)}.")
-        if isinstance(getattr(config, key), tuple):
-            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        setattr(config, key, value)
+    config = apply_options(config, options, "treg")
     _check_beta_alpha(config.beta, config.alpha)
     _check_template("better_template", config.better_template)
     _check_template("worse_template", config.worse_template)
