@@ -5,8 +5,10 @@
 # %% ../nbs/13_guidance.ipynb #8ad37f6f
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import dataclass, field, replace
+import typing
+from dataclasses import MISSING, dataclass, field, replace
 from typing import Callable, Literal
 
 import torch
@@ -17,6 +19,7 @@ from fastcore.basics import patch
 
 from .core import check_finite, check_shape, get_logger, set_seed
 from .data import parse_mr
+from .reproduce import OptionSpec, convert_options, option_specs
 
 logger = get_logger(__name__)
 
@@ -1317,12 +1320,12 @@ def _mean(values) -> float:
     return sum(values) / len(values)
 
 # %% ../nbs/13_guidance.ipynb #2b976385
-def _reproduce_toys(config, parts) -> dict:
+def _reproduce_toys(config, options: dict, parts) -> dict:
     from alignbook.reproduce import save_figure
     metrics = {}
     if "toy_a" in parts:
-        cfg = replace(GuidanceConfig.small(), **{k: v for k, v in config.options.items() if hasattr(GuidanceConfig, k)})
-        seeds = tuple(config.seed + i for i in range(int(config.options.get("seeds", 2))))
+        cfg = replace(GuidanceConfig.small(), **{k: v for k, v in options.items() if hasattr(GuidanceConfig, k)})
+        seeds = tuple(config.seed + i for i in range(options.get("seeds", 2)))
         results = run_toy_a(cfg, seeds, progress=config.progress)
         save_figure(config, plot_value_vs_calls(results, f"Toy A, GPT-2 2x64, {cfg.policy_steps} steps, seeds "
                                                          f"{list(seeds)}"), "value_vs_calls")
@@ -1339,8 +1342,8 @@ def _reproduce_toys(config, parts) -> dict:
             "spearman_after_first_fit": [r["spearman_first_fit"] for r in results["guidance"]],
             "listmle_first_fit_start_end": [[f[0][0], f[0][-1]] for f in (r["fit_losses"] for r in results["guidance"])]})
     if "toy_b" in parts:
-        options = {k[len("toy_b_"):]: v for k, v in config.options.items() if k.startswith("toy_b_")}
-        toy_b = run_toy_b(**{**SMALL_TOY_B, **options}, seed=config.seed, progress=config.progress)
+        toy_b_options = {k[len("toy_b_"):]: v for k, v in options.items() if k.startswith("toy_b_")}
+        toy_b = run_toy_b(**{**SMALL_TOY_B, **toy_b_options}, seed=config.seed, progress=config.progress)
         save_figure(config, plot_toy_b(toy_b, f"Toy B, T5 2+2x64, seed {config.seed}"), "toy_b_rouge_and_weights")
         metrics.update({
             "toy_b/clean_rouge_l/mle": toy_b["mle"]["final"], "toy_b/clean_rouge_l/wmle": toy_b["wmle"]["final"],
@@ -1352,16 +1355,16 @@ def _reproduce_toys(config, parts) -> dict:
     return metrics
 
 # %% ../nbs/13_guidance.ipynb #fa44b67f
-def _reproduce_e2e(config) -> dict:
+def _reproduce_e2e(config, options: dict) -> dict:
     from alignbook.data import load_e2e
     from alignbook.models import load_tokenizer
     from alignbook.reproduce import save_figure
     sizes = dict(E2E_SIZES["small" if config.preset == "small" else config.preset])
-    sizes.update({k[len("e2e_"):]: v for k, v in config.options.items() if k.startswith("e2e_")})
+    sizes.update({k[len("e2e_"):]: v for k, v in options.items() if k.startswith("e2e_")})
     task = None
     if config.preset == "paper":
         from transformers import AutoTokenizer
-        name = {**PAPER_MODELS, **config.options.get("paper_models", {})}["e2e"]
+        name = {**PAPER_MODELS, **options.get("paper_models", {})}["e2e"]
         task = E2ETask(load_e2e("dev", config.data_dir), list(load_e2e("test", config.data_dir)),
                        AutoTokenizer.from_pretrained(name), pretrained=name, head_hidden=2048)
     results = run_e2e(sizes, seed=config.seed, data_dir=config.data_dir, task=task, progress=config.progress)
@@ -1377,13 +1380,13 @@ def _reproduce_e2e(config) -> dict:
             "e2e/summary": {"metric": "E2E test ROUGE-L", "baseline": _mean(mle), "method": _mean(wmle)}}
 
 # %% ../nbs/13_guidance.ipynb #bc5ca24c
-def _reproduce_prompt(config) -> dict:
+def _reproduce_prompt(config, options: dict) -> dict:
     from alignbook.data import load_fewshot
     from alignbook.reproduce import save_figure
 
     if config.preset == "paper":
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer
-        models = {**PAPER_MODELS, **config.options.get("paper_models", {})}
+        models = {**PAPER_MODELS, **options.get("paper_models", {})}
         scorer = PromptScorer(AutoModelForMaskedLM.from_pretrained(models["prompt_task"]),
                               AutoTokenizer.from_pretrained(models["prompt_task"]), kind="masked")
         policy_lm = AutoModelForCausalLM.from_pretrained(models["prompt_policy"])
@@ -1395,12 +1398,12 @@ def _reproduce_prompt(config) -> dict:
         lm = load_causal_lm("smollm2")
         scorer, policy_lm, policy_tokenizer = PromptScorer(lm, load_tokenizer("smollm2")), lm, None
         cfg, split_seeds, guidance_backbone = GuidanceConfig.prompt_real(), (13,), None
-    split_seeds = tuple(config.options.get("prompt_split_seeds", split_seeds))  # LM-BFF split seeds to run
+    split_seeds = options.get("prompt_split_seeds", split_seeds)  # LM-BFF split seeds to run
 
-    cfg = replace(cfg, **{k[len("prompt_"):]: v for k, v in config.options.items()
+    cfg = replace(cfg, **{k[len("prompt_"):]: v for k, v in options.items()
                           if k.startswith("prompt_") and hasattr(GuidanceConfig, k[len("prompt_"):])})
     test = list(load_fewshot("sst-2", split="test", data_dir=config.data_dir))
-    test = test[:int(config.options["prompt_test_limit"])] if "prompt_test_limit" in config.options else test
+    test = test[:options["prompt_test_limit"]] if "prompt_test_limit" in options else test
 
     metrics, results = {}, None
     for split in split_seeds:
@@ -1424,32 +1427,34 @@ def _reproduce_prompt(config) -> dict:
     return metrics
 
 # %% ../nbs/13_guidance.ipynb #a6eaf60f
-def _valid_options() -> set[str]:
-    "Names `--set` accepts: GuidanceConfig fields (Toy A), `prompt_`/`toy_b_`/`e2e_` prefixed sizes, and run options."
-    import dataclasses, inspect
-    config_fields = {f.name for f in dataclasses.fields(GuidanceConfig)}
-    toy_b = {p for p in inspect.signature(run_toy_b).parameters if p not in ("seed", "progress")}
-    e2e = {k for sizes in E2E_SIZES.values() for k in sizes}
-    return (config_fields | {f"prompt_{k}" for k in config_fields} | {f"toy_b_{k}" for k in toy_b}
-            | {f"e2e_{k}" for k in e2e} | {"parts", "seeds", "paper_models", "prompt_split_seeds", "prompt_test_limit"})
+def _option_specs(preset: str) -> dict[str, OptionSpec]:
+    "Types of the `--set` options: GuidanceConfig fields (Toy A), the same with `prompt_`, `toy_b_` and `e2e_` sizes."
+    specs = {**option_specs(GuidanceConfig.small()), **option_specs(GuidanceConfig(), "prompt_")}
+    toy_b_types = typing.get_type_hints(run_toy_b)
+    for name, parameter in inspect.signature(run_toy_b).parameters.items():
+        if name not in ("seed", "progress"):
+            specs[f"toy_b_{name}"] = OptionSpec(toy_b_types[name], SMALL_TOY_B.get(name, parameter.default))
+    for name in {k for sizes in E2E_SIZES.values() for k in sizes}:
+        kinds = {type(sizes[name]) for sizes in E2E_SIZES.values() if name in sizes}
+        specs[f"e2e_{name}"] = OptionSpec(float if float in kinds else int, E2E_SIZES[preset].get(name, MISSING))
+    specs.update(parts=OptionSpec(tuple[str, ...], PARTS[preset]), seeds=OptionSpec(int, 2),
+                 paper_models=OptionSpec(dict[str, str], PAPER_MODELS), prompt_split_seeds=OptionSpec(tuple[int, ...]),
+                 prompt_test_limit=OptionSpec(int))
+    return specs
 
 def reproduce(config) -> dict:
     "Run the guidance chapter's experiments for `config.preset` (see `PARTS`) and write metrics and figures."
-    unknown_options = sorted(set(config.options) - _valid_options())
-    if unknown_options:
-        raise ValueError(f"Unknown option(s) {unknown_options} for the guidance chapter; valid options are "
-                         f"{sorted(_valid_options())}.")
-    parts = config.options.get("parts", PARTS[config.preset])
-    parts = tuple(parts.split(",")) if isinstance(parts, str) else tuple(parts)
+    options = convert_options(config.options, _option_specs(config.preset), "guidance")  # before any training
+    parts = options.get("parts", PARTS[config.preset])
     unknown = sorted(set(parts) - {"toy_a", "toy_b", "e2e", "prompt"})
     if unknown:
         raise ValueError(f"Unknown parts {unknown}; valid parts are ['e2e', 'prompt', 'toy_a', 'toy_b'].")
     metrics = {"parts": list(parts)}
-    metrics.update(_reproduce_toys(config, parts))
+    metrics.update(_reproduce_toys(config, options, parts))
     if "e2e" in parts:
-        metrics.update(_reproduce_e2e(config))
+        metrics.update(_reproduce_e2e(config, options))
     if "prompt" in parts:
-        metrics.update(_reproduce_prompt(config))
+        metrics.update(_reproduce_prompt(config, options))
     if "summary" not in metrics and "toy_b" in parts:
         metrics["summary"] = {"metric": "clean ROUGE-L (Toy B)", "baseline": metrics["toy_b/clean_rouge_l/mle"],
                               "method": metrics["toy_b/clean_rouge_l/wmle"]}
