@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import dataclasses
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterable, Literal
 
 import numpy as np
@@ -1034,13 +1034,9 @@ def config_with_options(
     config: SFTMixConfig,
     options: dict,  # field name -> value, e.g. from `alignbook reproduce --set`
 ) -> SFTMixConfig:
-    "Return a copy of `config` with `options` applied; unknown names raise and list the valid fields."
-    valid = {f.name for f in dataclasses.fields(SFTMixConfig)}
-    unknown = sorted(set(options) - valid)
-    if unknown:
-        raise ValueError(f"Unknown SFTMix option(s) {unknown}; valid options are {sorted(valid)}.")
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
-    return replace(config, **options)
+    "Return a copy of `config` with `options` converted and set by `apply_options`, which rejects unknown names."
+    from alignbook.reproduce import apply_options
+    return apply_options(config, options, "sftmix")
 
 def _noise_token_ids(data: SFTData, tokenizer) -> Tensor:
     "Ids a corrupted response is drawn from: the ids with their own slot in the compact vocabulary, else all ids."

@@ -399,8 +399,10 @@ def test_config_options():
     config = config_with_options(SFTMixConfig.small(), {"num_seeds": 5, "noise_fractions": [0.0, 0.4]})
     assert config.num_seeds == 5
     assert config.noise_fractions == (0.0, 0.4)
-    with pytest.raises(ValueError, match="Unknown SFTMix option"):
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['steps'\] for the sftmix chapter"):
         config_with_options(SFTMixConfig.small(), {"steps": 10})
+    with pytest.raises(ValueError, match="Option num_seeds must be an integer, got 2.5"):
+        config_with_options(SFTMixConfig.small(), {"num_seeds": 2.5})
     with pytest.raises(ValueError, match="at least 2"):
         SFTMixConfig(epochs=1)
 
