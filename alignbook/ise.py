@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import check_finite, get_logger, lcs_length
+from .reproduce import apply_options
 
 logger = get_logger(__name__)
 
@@ -965,12 +966,10 @@ def plot_layer0_attention(
 # %% ../nbs/15_ise.ipynb #70099083
 def _ise_config(config) -> ISEConfig:
     base = {"small": ISEConfig.small, "real": ISEConfig.real, "paper": ISEConfig.paper}[config.preset]()
-    fields = set(ISEConfig.__dataclass_fields__)
-    unknown = sorted(set(config.options) - fields)
-    if unknown:
-        raise ValueError(f"Unknown ise options {unknown}; valid options are the ISEConfig fields {sorted(fields)}.")
-    options = {k: tuple(v) if isinstance(v, list) else v for k, v in config.options.items()}
-    ise_config = replace(base, **options)
+    if "seeds" in config.options:
+        # `--set seeds=3` reads like a number of seeds, so only a list is accepted here, never one number.
+        _checked_seeds(config.options["seeds"])
+    ise_config = apply_options(base, config.options, "ise")
     if "seeds" not in config.options:
         ise_config = replace(ise_config, seeds=tuple(config.seed + i for i in range(len(ise_config.seeds))))
     return ise_config

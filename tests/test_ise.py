@@ -326,12 +326,14 @@ def test_evaluate_injection_reports_every_cell():
 def test_reproduce_rejects_unknown_option(tmp_path):
     from alignbook.ise import reproduce
     from alignbook.reproduce import ReproduceConfig
-    with pytest.raises(ValueError, match="Unknown ise options"):
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['stepz'\] for the ise chapter"):
         reproduce(ReproduceConfig("ise", out_dir=tmp_path, options={"stepz": 3}))
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"steps": "abc"}, "steps must be an integer >= 1, got 'abc'"),
+    ({"steps": "abc"}, "Option steps must be an integer, got 'abc'"),
+    ({"steps": 2.5}, "Option steps must be an integer, got 2.5"),
+    ({"lr": "fast"}, "Option lr must be a number, got 'fast'"),
     ({"batch_size": 0}, "batch_size must be an integer >= 1, got 0"),
     ({"batch_size": -2}, "batch_size must be an integer >= 1, got -2"),
     ({"seeds": []}, "seeds is empty"),
@@ -359,6 +361,9 @@ def test_config_accepts_one_variant_string():
     config = _ise_config(ReproduceConfig("ise", options={"variants": "adversarial", "seeds": [2, 5]}))
     assert config.variants == ("adversarial",)
     assert config.seeds == (2, 5)
+    both = _ise_config(ReproduceConfig("ise", options={"variants": "clean,adversarial", "n_eval": "none"}))
+    assert both.variants == ("clean", "adversarial")
+    assert both.n_eval is None
 
 
 def test_small_preset_trains_both_arms(tmp_path):
