@@ -33,7 +33,7 @@ __all__ = ['logger', 'SUPPORTED_ENCODER_TYPES', 'MAX_TABLE_DECISIONS', 'EASY', '
            'static_envelope', 'skip_predict', 'agent_flops', 'latency_per_example', 'evaluate_policies',
            'run_text_classification', 'plot_tradeoff', 'best_policy', 'plot_adaptivity', 'run_toy', 'SwitchableSeq2Seq',
            'WordSeq2SeqTokenizer', 'rouge_l', 'load_e2e_seq2seq', 'e2e_model', 'pretrained_seq2seq',
-           'evaluate_generation', 'seq2seq_layer_drop', 'run_e2e', 'reproduce']
+           'evaluate_generation', 'seq2seq_layer_drop', 'run_e2e', 'SmallRunOptions', 'E2ERunOptions', 'reproduce']
 
 # %% ../nbs/16_switchable.ipynb #8d065f6f
 SUPPORTED_ENCODER_TYPES = ("bert", "roberta", "electra")  # post-LN layers whose children the gated forward reuses
@@ -1645,57 +1645,64 @@ def run_e2e(
             "latency": _generation_latency(model, agent, test, latency_examples, max_new_tokens)}
 
 # %% ../nbs/16_switchable.ipynb #e537b8eb
-_PRESET_OPTIONS = {  # --set options of each preset and their defaults
-    "small": {"agent_steps": 1000, "toy_backbone_steps": 900, "backbone_steps": 300, "task": "agnews"},
-    "real": {"agent_steps": 200, "backbone_steps": 800, "n_test": 100, "n_validation": 256, "lr": None,
-             "model_name": None},
-    "paper": {"agent_steps": 1500, "backbone_steps": 5000, "n_test": 100, "n_validation": 256, "lr": None,
-              "model_name": "facebook/bart-large"},
-}
+@dataclass
+class SmallRunOptions:
+    "`--set` options of the small preset: the pointer-lookup toy and one few-shot text task."
+    agent_steps: int = 1000  # policy steps
+    toy_backbone_steps: int = 900  # backbone steps of the toy
+    backbone_steps: int = 300  # maximum backbone steps of the text task (early-stopped on the policy split)
+    task: str = "agnews"  # agnews, mr, sst-2 or cr
 
-def _positive_int(name: str, value) -> int:
-    "An integer >= 1 given as int or as a string of digits; floats, bools and other text raise ValueError."
-    if isinstance(value, str) and re.fullmatch(r"\s*\+?\d+\s*", value):
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Option {name} must be a positive integer, got {value!r}; pass --set {name}=<integer >= 1>.")
-    return value
+    def __post_init__(self):
+        from alignbook.data import FEWSHOT_TASKS
+        _check_positive_ints(self, ("agent_steps", "toy_backbone_steps", "backbone_steps"))
+        if self.task not in FEWSHOT_TASKS:
+            raise ValueError(f"Option task must be one of {sorted(FEWSHOT_TASKS)}, got {self.task!r}.")
 
-def _preset_options(config) -> dict:
-    "Check every `--set` option of the preset before any training and return them merged with the defaults."
-    from alignbook.data import FEWSHOT_TASKS
-    defaults = _PRESET_OPTIONS[config.preset]
-    unknown = sorted(str(k) for k in config.options if k not in defaults)
-    if unknown:
-        raise ValueError(f"Unknown option(s) {unknown} for the switchable chapter with preset {config.preset!r}; "
-                         f"valid options are {sorted(defaults)}.")
-    options = {**defaults, **config.options}
-    for name in ("agent_steps", "toy_backbone_steps", "backbone_steps", "n_test", "n_validation"):
-        if name in options:
-            options[name] = _positive_int(name, options[name])
-    if "task" in options and options["task"] not in FEWSHOT_TASKS:
-        raise ValueError(f"Option task must be one of {sorted(FEWSHOT_TASKS)}, got {options['task']!r}.")
-    lr = options.get("lr")
-    if lr is not None:
-        if isinstance(lr, str):
-            try:
-                lr = float(lr)
-            except ValueError:
-                pass
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) or lr <= 0:
-            raise ValueError(f"Option lr must be a positive number, got {options['lr']!r}.")
-        options["lr"] = float(lr)
-    if "model_name" in options and options["model_name"] is not None and not isinstance(options["model_name"], str):
-        raise ValueError(f"Option model_name must be a checkpoint name or path, got {options['model_name']!r}.")
-    return options
+@dataclass
+class E2ERunOptions:
+    "`--set` options of the real and paper presets: E2E data-to-text generation."
+    agent_steps: int = 200  # policy steps
+    backbone_steps: int = 800  # backbone training or fine-tuning steps
+    n_test: int = 100  # test meaning representations
+    n_validation: int = 256  # validation examples the policy is trained on
+    lr: float | None = None  # backbone learning rate; None is 1e-3 from scratch and 3e-5 for a checkpoint
+    model_name: str | None = None  # checkpoint name or local path; None trains a tiny BART from scratch
+
+    def __post_init__(self):
+        _check_positive_ints(self, ("agent_steps", "backbone_steps", "n_test", "n_validation"))
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not math.isfinite(self.lr) or self.lr <= 0):
+            raise ValueError(f"Option lr must be a positive number, got {self.lr!r}.")
+        if self.model_name is not None and not isinstance(self.model_name, str):
+            raise ValueError(f"Option model_name must be a checkpoint name or path, got {self.model_name!r}.")
+
+    @classmethod
+    def paper(cls) -> "E2ERunOptions":
+        "Fine-tuning `facebook/bart-large` for 5,000 steps, then 1,500 policy steps (meant for a GPU)."
+        return cls(agent_steps=1500, backbone_steps=5000, model_name="facebook/bart-large")
+
+def _check_positive_ints(options, names) -> None:
+    for name in names:
+        value = getattr(options, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"Option {name} must be a positive integer, got {value!r}; "
+                             f"pass --set {name}=<integer >= 1>.")
+
+_PRESET_OPTIONS = {"small": SmallRunOptions, "real": E2ERunOptions, "paper": E2ERunOptions.paper}  # defaults
+
+def _preset_options(config) -> SmallRunOptions | E2ERunOptions:
+    "Convert and check every `--set` option of the preset before any training starts."
+    from alignbook.reproduce import apply_options
+    return apply_options(_PRESET_OPTIONS[config.preset](), config.options, f"switchable ({config.preset} preset)")
 
 def _reproduce_small(config) -> dict:
     from alignbook.reproduce import save_figure
     options = _preset_options(config)
-    cfg = replace(SwitchableConfig.small(), steps=options["agent_steps"])
-    toy = run_toy(options["toy_backbone_steps"], cfg, seed=config.seed, progress=config.progress)
-    task = options["task"]
-    text = run_text_classification(task, options["backbone_steps"], cfg, seed=config.seed, progress=config.progress)
+    cfg = replace(SwitchableConfig.small(), steps=options.agent_steps)
+    toy = run_toy(options.toy_backbone_steps, cfg, seed=config.seed, progress=config.progress)
+    task = options.task
+    text = run_text_classification(task, options.backbone_steps, cfg, seed=config.seed, progress=config.progress)
     for name, results, label in (("toy", toy, "easy (EASY mode)"), (task, text, "easy (layer 1 alone correct)")):
         save_figure(config, plot_tradeoff(results, f"{name}, BERT 4x64, seed {config.seed}"), f"accuracy_vs_flops_{name}")
         for index in sorted({0, best_policy(results)}):
@@ -1723,11 +1730,11 @@ def _text_summary(task: str, text: dict) -> dict:
 
 def _reproduce_e2e(config) -> dict:
     options = _preset_options(config)
-    model_name = options["model_name"]
+    model_name = options.model_name
     default_lr = 1e-3 if model_name is None else 3e-5  # from scratch vs fine-tuning a checkpoint (ours)
-    lr = default_lr if options["lr"] is None else options["lr"]
-    results = run_e2e(model_name, options["backbone_steps"], options["agent_steps"], n_test=options["n_test"],
-                      n_validation=options["n_validation"], lr=lr, seed=config.seed, progress=config.progress)
+    lr = default_lr if options.lr is None else options.lr
+    results = run_e2e(model_name, options.backbone_steps, options.agent_steps, n_test=options.n_test,
+                      n_validation=options.n_validation, lr=lr, seed=config.seed, progress=config.progress)
     results.pop("history")
     return {"summary": {"metric": "E2E test ROUGE-L at the policy's mean FLOPs (full model vs switchable)",
                         "baseline": results["full"]["rouge_l"], "method": results["policy"]["rouge_l"]}, **results}
