@@ -27,7 +27,7 @@ from .core import check_finite, check_shape, get_logger, set_seed
 logger = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'RESULT_ROWS', 'VPSchedule', 'check_class_conditional', 'predict_eps', 'x0_from_eps',
+__all__ = ['logger', 'RESULT_ROWS', 'SFD_OPTION_ALIASES', 'VPSchedule', 'check_class_conditional', 'predict_eps', 'x0_from_eps',
            'class_conditional_unet', 'OneStepGenerator', 'sample_timesteps', 'denoising_loss', 'fake_score_loss',
            'sid_loss_from_denoised', 'sid_generator_loss', 'sample_remaining_labels', 'sample_override_labels',
            'SFDConfig', 'SFDModules', 'SFDTrainer', 'teacher_loss_fn', 'random_batches', 'EMACallback', 'ddim_sample',
@@ -1311,62 +1311,25 @@ def results_table(
     return "\n".join(lines) + "\n\n" + "\n".join(fid_lines) + "\n"
 
 # %% ../nbs/18_sfd.ipynb #72b6ea8a
-_SFD_INT_OPTIONS = {"steps": "n_iters", "forget_label": "forget_label", "batch_size": "batch_size"}
-_SFD_OPTIONS = (*_SFD_INT_OPTIONS, "override_label", "override_mode", "lambda_forget", "lr")
-_EXPERIMENT_OPTIONS = ("teacher_steps", "classifier_steps", "eval_samples_per_class", "eval_every",
-                       "curve_samples_per_class", "ddim_steps")
-_FLOAT_EXPERIMENT_OPTIONS = ("teacher_guidance_scale",)
-
-def _parse_int(name: str, value) -> int:
-    "Parse a `--set` value as an integer, rejecting fractions such as 2.5 instead of truncating them."
-    if isinstance(value, (int, np.integer)) and not isinstance(value, bool):
-        return int(value)
-    text = str(value).strip()
-    if not re.fullmatch(r"[+-]?\d+", text):
-        raise ValueError(f"--set {name}={value} is invalid: {name} must be an integer, e.g. {name}=10.")
-    return int(text)
-
-def _parse_float(name: str, value) -> float:
-    "Parse a `--set` value as a float, naming the option when it is not a number."
-    try:
-        if isinstance(value, bool):
-            raise ValueError
-        return float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"--set {name}={value} is invalid: {name} must be a number, e.g. {name}=0.1.") from None
+# Short --set names of SFDConfig fields. `lr` and `lambda_forget` set the value for both networks.
+SFD_OPTION_ALIASES = {
+    "steps": "sfd.n_iters", "batch_size": "sfd.batch_size", "forget_label": "sfd.forget_label",
+    "override_label": "sfd.override_label", "override_mode": "sfd.override_mode",
+    "lr": ("sfd.lr_fake", "sfd.lr_gen"), "lambda_forget": ("sfd.lambda_forget_fake", "sfd.lambda_forget_gen")}
 
 def experiment_config(preset: str, options: dict | None = None, seed: int = 0) -> ExperimentConfig:
-    """Build the `ExperimentConfig` of a preset with `--set` overrides applied.
+    """Build the `ExperimentConfig` of a preset with `--set` overrides applied by `apply_options`.
 
-    `override_label=none` together with `override_mode=rand` queries the teacher with a random remaining class per
-    sample. Every value is checked here, so a bad option fails before any training starts."""
+    Options are the `ExperimentConfig` fields, `sfd.<field>` for the `SFDConfig` fields, and the short names of
+    `SFD_OPTION_ALIASES`. `override_label=none` together with `override_mode=rand` queries the teacher with a random
+    remaining class per sample. Every value is checked here, so a bad option fails before any training starts."""
+    from alignbook.reproduce import apply_options
     presets = {"small": ExperimentConfig.small, "real": ExperimentConfig.real, "paper": ExperimentConfig.paper}
     if preset not in presets:
         raise ValueError(f"Unknown preset {preset!r}; valid presets are {sorted(presets)}.")
-    options = dict(options or {})
-    valid = set(_SFD_OPTIONS) | set(_EXPERIMENT_OPTIONS) | set(_FLOAT_EXPERIMENT_OPTIONS)
-    unknown = set(options) - valid
-    if unknown:
-        raise ValueError(f"Unknown options {sorted(unknown)}; valid ones are {sorted(valid)}.")
-    experiment = {k: _parse_int(k, options[k]) for k in _EXPERIMENT_OPTIONS if k in options}
-    experiment.update({k: _parse_float(k, options[k]) for k in _FLOAT_EXPERIMENT_OPTIONS if k in options})
-    config = presets[preset](seed=seed, **experiment)
-    sfd = {field_name: _parse_int(key, options[key]) for key, field_name in _SFD_INT_OPTIONS.items() if key in options}
-    if "override_label" in options:
-        value = options["override_label"]
-        none = value is None or str(value).strip().lower() == "none"
-        sfd["override_label"] = None if none else _parse_int("override_label", value)
-    if "override_mode" in options:
-        sfd["override_mode"] = str(options["override_mode"]).strip()
-    if "lambda_forget" in options:
-        sfd["lambda_forget_fake"] = sfd["lambda_forget_gen"] = _parse_float("lambda_forget", options["lambda_forget"])
-    if "lr" in options:
-        sfd["lr_fake"] = sfd["lr_gen"] = _parse_float("lr", options["lr"])
-    try:
-        config.sfd = replace(config.sfd, seed=seed, **sfd)
-    except ValueError as error:
-        raise ValueError(f"Invalid --set options {sorted(options)}: {error}") from None
-    return config
+    config = presets[preset](seed=seed)
+    config = replace(config, sfd=replace(config.sfd, seed=seed))
+    return apply_options(config, options or {}, "sfd", aliases=SFD_OPTION_ALIASES)
 
 def reproduce(config) -> dict:
     "Run the digit-forgetting experiment for `config.preset`, save the figures and `tables.md`, return the metrics."

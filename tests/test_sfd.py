@@ -283,7 +283,7 @@ def test_experiment_options():
     assert config.sfd.n_iters == 30
     assert config.sfd.lambda_forget_gen == config.sfd.lambda_forget_fake == 0.1
     assert config.sfd.override_label == 7
-    with pytest.raises(ValueError, match="Unknown options"):
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['stepz'\] for the sfd chapter"):
         experiment_config("small", {"stepz": 3})
 
 
@@ -448,10 +448,11 @@ def test_experiment_config_rejects_bad_sizes():
 @pytest.mark.parametrize("options, message", [
     ({"steps": "2.5"}, "steps must be an integer"),
     ({"steps": 2.5}, "steps must be an integer"),
-    ({"steps": "abc"}, "--set steps=abc is invalid"),
+    ({"steps": "abc"}, "Option steps must be an integer, got 'abc'"),
     ({"steps": "-3"}, "n_iters must be an integer >= 1"),
     ({"lr": "-1"}, "lr_fake must be a finite learning rate > 0"),
-    ({"lambda_forget": "nan"}, "lambda_forget_fake must be a finite weight"),
+    ({"lambda_forget": "nan"}, "Option lambda_forget must be a finite number, got 'nan'"),
+    ({"lambda_forget": "-0.5"}, "lambda_forget_fake must be a finite weight"),
     ({"lambda_forget": True}, "lambda_forget must be a number"),
     ({"eval_samples_per_class": "0"}, "eval_samples_per_class must be an integer >= 1"),
     ({"override_label": "none"}, "needs an override_label"),
