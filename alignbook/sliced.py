@@ -17,6 +17,7 @@ from torch.autograd.function import once_differentiable
 
 from .core import check_finite, get_logger
 from .plots import BASELINE_COLOR, METHOD_COLOR, plot_bars
+from .reproduce import apply_options
 
 logger = get_logger(__name__)
 # "Official" in this module means the authors' code, github.com/khainb/RPSW: GradientFlow/main.py (the 2-D
@@ -911,17 +912,6 @@ def plot_seconds(summary: dict[str, dict], title: str = ""):
     return plot_bars(milliseconds, spread, title=title, ylabel="milliseconds per flow step", colors=_METHOD_COLORS)
 
 # %% ../nbs/19_rpsw.ipynb #69645075
-def _apply_options(config: RPSWConfig, options: dict) -> RPSWConfig:
-    "Return `config` with fields overridden from `options` (command-line `--set key=value` pairs)."
-    values = asdict(config)
-    for key, value in options.items():
-        if key not in values:
-            raise ValueError(f"Unknown option {key!r} for rpsw; valid options are {sorted(values)}.")
-        current = values[key]
-        values[key] = tuple(tuple(v) if isinstance(v, list) else v for v in value) if isinstance(current, tuple) \
-            else type(current)(value)
-    return RPSWConfig(**values)
-
 def _point_cloud_pairs(config: RPSWConfig, data_dir, seed: int) -> dict[str, tuple[Tensor, Tensor]]:
     "MNIST digit pairs (first test image of each digit) and, if asked, the procedural shapes."
     from alignbook.data import load_mnist
@@ -942,7 +932,7 @@ def reproduce(config) -> dict:
     "Run the six gradient flows on the preset's point clouds; save figures and return W_2^2 per step and method."
     from alignbook.reproduce import save_figure
     presets = {"small": RPSWConfig.small, "real": RPSWConfig.real, "paper": RPSWConfig.paper}
-    flow_config = _apply_options(presets[config.preset](), config.options)
+    flow_config = apply_options(presets[config.preset](), config.options, "rpsw")
     metrics = {"config": asdict(flow_config), "pairs": {}}
     for name, (source, target) in _point_cloud_pairs(flow_config, config.data_dir, config.seed).items():
         results = compare_flows(source, target, flow_config, seed=config.seed, progress=config.progress)
