@@ -1050,17 +1050,13 @@ LM_OPTION_PREFIX = "lm_"  # `--set lm_steps=300` sets `MoELMConfig.steps`
 
 def _chapter_configs(config) -> tuple[MoERateConfig, MoELMConfig]:
     from alignbook.core import default_device
-    rate_fields = {f.name for f in fields(MoERateConfig)}
-    lm_fields = {LM_OPTION_PREFIX + f.name for f in fields(MoELMConfig)}
-    unknown = sorted(set(config.options) - rate_fields - lm_fields)
-    if unknown:
-        raise ValueError(f"Unknown option(s) {unknown} for the moe chapter; valid options are "
-                         f"{sorted(rate_fields | lm_fields)}.")
-    rate_options = {k: v for k, v in config.options.items() if k in rate_fields}
-    lm_options = {k[len(LM_OPTION_PREFIX):]: v for k, v in config.options.items() if k in lm_fields}
-    rate = getattr(MoERateConfig, config.preset)(**{"seed": config.seed, "device": str(default_device(config.device)),
-                                                    **rate_options})
-    lm = getattr(MoELMConfig, config.preset)(**{"seed": config.seed, **lm_options})
+    from alignbook.reproduce import apply_options, check_option_names, option_specs
+    rate = getattr(MoERateConfig, config.preset)(seed=config.seed, device=str(default_device(config.device)))
+    lm = getattr(MoELMConfig, config.preset)(seed=config.seed)
+    rate_names, lm_names = set(option_specs(rate)), set(option_specs(lm, LM_OPTION_PREFIX))
+    check_option_names(config.options, rate_names | lm_names, "moe")
+    rate = apply_options(rate, {k: v for k, v in config.options.items() if k in rate_names}, "moe")
+    lm = apply_options(lm, {k: v for k, v in config.options.items() if k in lm_names}, "moe", prefix=LM_OPTION_PREFIX)
     return rate, lm
 
 def _plot_all_rates(results, rate_config):
