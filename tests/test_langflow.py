@@ -183,7 +183,7 @@ def test_bad_inputs_raise(synthetic_vae):
 def test_config_options_are_checked():
     assert config_for("small", {"vae_steps": 5}).vae_steps == 5
     assert config_for("small", {"step_grid": [1, 2]}).step_grid == (1, 2)
-    with pytest.raises(ValueError, match="Unknown langflow options"):
+    with pytest.raises(ValueError, match=r"Unknown option\(s\) \['vae_step'\] for the langflow chapter"):
         config_for("small", {"vae_step": 5})
     with pytest.raises(ValueError, match="Unknown preset"):
         config_for("huge")
@@ -218,7 +218,7 @@ TINY_RUN = dict(vae_steps=3, beta_anneal_steps=2, flow_steps=3, ddpm_steps=3, tr
                                                       ("paper", "transformer", "lexicographic")])
 def test_run_experiment_end_to_end(preset, backbone, training):
     from alignbook.langflow import run_experiment
-    config = config_for(preset, {**TINY_RUN, "backbone": backbone, "training": training,
+    config = config_for(preset, {**TINY_RUN, "backbone": backbone, "training": training, "representation": "both",
                                  "joint_steps": 2 if training != "two_stage" else 0, "timing_repeats": 1})
     out = run_experiment(config)
     assert set(out["generation"]["2-RF"]) == {1, 4}
@@ -556,10 +556,15 @@ def test_config_for_converts_command_line_values():
     assert config_for("small", {"guidance_scales": "0,2.5"}).guidance_scales == (0, 2.5)
     assert config_for("small", {"vae_steps": "12"}).vae_steps == 12
     assert config_for("small", {"flow_lr": "0.01"}).flow_lr == 0.01
-    with pytest.raises(ValueError, match="vae_steps must be a positive int, got 'abc'"):
+    assert config_for("small", {"ema_decay": "none"}).ema_decay is None
+    with pytest.raises(ValueError, match="Option vae_steps must be an integer, got 'abc'"):
         config_for("small", {"vae_steps": "abc"})
-    with pytest.raises(ValueError, match="step_grid must be comma-separated numbers such as --set step_grid=1,4"):
+    with pytest.raises(ValueError, match="Option vae_steps must be an integer, got 1.5"):
+        config_for("small", {"vae_steps": 1.5})
+    with pytest.raises(ValueError, match="Option step_grid must be a list of integers, got '1,x'"):
         config_for("small", {"step_grid": "1,x"})
+    with pytest.raises(ValueError, match="vae_steps must be a positive int, got -3"):  # the config's own range check
+        config_for("small", {"vae_steps": -3})
 
 
 def test_edit_table_wraps_long_sentences():
@@ -576,3 +581,20 @@ def test_tokenizer_keeps_capital_placeholders():
     assert WordTokenizer.split("THE EAGLE") == ["THE", "EAGLE"]
     assert WordTokenizer.split("I A") == ["i", "a"]  # one capital letter is an ordinary word
     assert "all-capital" in WordTokenizer.__doc__
+
+
+def test_reproduce_summary_latent_route(tmp_path):
+    from alignbook.langflow import reproduce
+    from alignbook.reproduce import ReproduceConfig
+    # speed_steps=2 is not in step_grid: the timed step counts must still be scored for fluency
+    options = {**TINY_RUN, "timing_repeats": 1, "speed_steps": 2, "representation": "both"}
+    metrics = reproduce(ReproduceConfig("langflow", out_dir=tmp_path, progress=False, options=options))
+    assert "latent route" in metrics["summary"]["metric"]
+    assert metrics["summary"]["method"] == metrics["speed_ms_per_sentence"]["2-RF"]["total_ms"]
+    assert metrics["speedup"]["ppl"] == {"2-RF": metrics["generation"]["2-RF"][2]["ppl"],
+                                         "DDPM": metrics["generation"]["DDPM"][5]["ppl"]}
+    assert f"2-RF {metrics['speedup']['ppl']['2-RF']:.3g}" in metrics["summary"]["metric"]
+    assert set(metrics["embedding"]["2-RF"]) == {1, 2, 4}
+    assert metrics["embedding_speedup"]["ppl"]["2-RF"] == metrics["embedding"]["2-RF"][2]["ppl"]
+    for name in ("trajectories", "quality_vs_steps", "edits"):
+        assert (tmp_path / "langflow" / f"{name}.png").is_file()
