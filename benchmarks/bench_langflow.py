@@ -3,10 +3,11 @@
 Both representations of the chapter are timed, each against its own DDPM anchor measured in the same process, so
 the printed ratios do not depend on the machine's absolute speed.
 
-Latent route: the small preset's network sizes (latent size 32, MLP 256 x 3) and the same GRU decoder for both
-samplers. Decoding is timed twice: with `TextVAE.generate` (cached input gates, finished rows leave the batch) and
-with a reference loop that calls `nn.GRU` on [embedding; z] for every word and keeps the whole batch until the last
-row ends.
+Latent route: the small preset's network sizes (latent size 32, velocity MLP and DDPM network 1024 x 3) and the
+same GRU decoder for both samplers. Decoding is timed twice: with `TextVAE.generate` (cached input gates, finished
+rows leave the batch) and with a reference loop that calls `nn.GRU` on [embedding; z] for every word and keeps the
+whole batch until the last row ends. The end-to-end ratio is printed for network widths 256 and 1024 as well,
+because the decoder's share of the time, and with it the ratio, depends on the cost of one network call.
 
 Embedding route: (n, 16) token embeddings with n = 33 positions, `VelocityTransformer` networks of the small
 preset's size (2 layers, width 128, 4 heads) for the flow and for the DDPM, and decoding by tied-softmax rounding
@@ -20,6 +21,7 @@ any weights, and only the detokenising depends on where the end-of-sentence id f
 (`alignbook reproduce langflow`) times trained models.
 
 Run: python benchmarks/bench_langflow.py [--sentences 400] [--embedding-sentences 64] [--repeats 5]
+                                          [--widths 256 1024]
 """
 import argparse
 import time
@@ -71,6 +73,8 @@ def main():
                         help="sentences generated per timing of the embedding route (its DDPM is slower per call)")
     parser.add_argument("--repeats", type=int, default=5, help="timings per measurement; the minimum is reported")
     parser.add_argument("--vocab-size", type=int, default=1000, help="decoder vocabulary (E2E small preset: ~1,000)")
+    parser.add_argument("--widths", type=int, nargs="*", default=[256, 1024],
+                        help="velocity/DDPM network widths whose end-to-end ratio is printed")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -103,9 +107,22 @@ def main():
           f"{(ddpm_latent + decode_stepwise) / (rf_latent + decode_stepwise):.1f}x")
     # (ddpm + decode) / (rf + decode) >= 20 is true exactly when decode <= (ddpm - 20 rf) / 19
     print(f"an end-to-end ratio of 20x needs decoding under {ms((ddpm_latent - 20 * rf_latent) / 19):.4f}")
+    for width in args.widths:
+        rf_width, ddpm_width = time_latent_samplers(config, width, noise, args.repeats)
+        print(f"width {width}: 2-RF latent {ms(rf_width):.4f}, DDPM latent {ms(ddpm_width):.4f}, end-to-end ratio "
+              f"DDPM / 2-RF {(ddpm_width + decode) / (rf_width + decode):.1f}x")
     embedding_ratio = time_embedding_route(config, args)
     print(f"end-to-end ratio DDPM / 2-RF, latent route (generate): {(ddpm_latent + decode) / (rf_latent + decode):.1f}x; "
           f"embedding route: {embedding_ratio:.1f}x")
+
+
+@torch.no_grad()
+def time_latent_samplers(config: LangFlowConfig, width: int, noise: torch.Tensor, repeats: int) -> tuple[float, float]:
+    "Seconds for 4 Euler steps of a velocity MLP and for the DDPM's steps, both `width` wide."
+    velocity = VelocityMLP(config.latent_dim, width, config.flow_layers).eval()
+    ddpm = DiffusionBaseline(config.latent_dim, width, config.flow_layers).eval()
+    return (best_of(lambda: euler_sample(velocity, noise, config.speed_steps), repeats),
+            best_of(lambda: ddpm.sample(noise, config.ddpm_sample_steps), repeats))
 
 
 @torch.no_grad()
