@@ -22,7 +22,7 @@ from .core import get_logger, set_seed
 logger = get_logger(__name__)
 
 # %% auto #0
-__all__ = ['logger', 'TrainState', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'train']
+__all__ = ['logger', 'TrainState', 'save_checkpoint', 'load_checkpoint', 'latest_checkpoint', 'train', 'EMA']
 
 # %% ../nbs/03_train.ipynb #f0cd8ad1
 @dataclass
@@ -100,12 +100,16 @@ def save_checkpoint(
     scheduler=None,
     step: int = 0,
     history: list[dict] | None = None,
+    callbacks: Iterable = (),  # callbacks with a state_dict() of tensors, numbers, lists and dicts, e.g. `EMA`
 ) -> Path:
-    "Save model weights (safetensors), optimizer/scheduler state, RNG states and history to `folder`."
+    "Save model weights (safetensors), optimizer/scheduler state, RNG states, history and callback states to `folder`."
     from safetensors.torch import save_model
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_model(model, str(folder / "model.safetensors"))
+    callback_states = [c.state_dict() if hasattr(c, "state_dict") else None for c in callbacks]
+    if any(state is not None for state in callback_states):
+        torch.save(callback_states, folder / "callbacks.pt")
     torch.save({"optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict() if scheduler is not None else None,
                 "torch_rng": torch.get_rng_state()}, folder / "trainer_state.pt")
@@ -118,8 +122,9 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None = None,
     scheduler=None,
     restore_rng: bool = True,
+    callbacks: Iterable = (),  # the callbacks passed to `save_checkpoint`, in the same order
 ) -> dict:  # {"step": int, "history": list}
-    "Load a checkpoint written by `save_checkpoint` into `model` (and optimizer, scheduler, RNG states)."
+    "Load a checkpoint written by `save_checkpoint` into `model` (and optimizer, scheduler, RNG and callback states)."
     from safetensors.torch import load_model
     folder = Path(folder)
     if not (folder / "model.safetensors").is_file():
@@ -133,7 +138,22 @@ def load_checkpoint(
         scheduler.load_state_dict(trainer_state["scheduler"])
     if restore_rng:
         _set_rng_state(state["rng"], trainer_state["torch_rng"])
+    _load_callback_states(folder, callbacks)
     return {"step": state["step"], "history": state["history"]}
+
+
+def _load_callback_states(folder: Path, callbacks: Iterable) -> None:
+    stateful = [(i, c) for i, c in enumerate(callbacks) if hasattr(c, "load_state_dict")]
+    if not stateful:
+        return
+    path = folder / "callbacks.pt"
+    saved = torch.load(path, weights_only=True) if path.is_file() else []
+    for i, callback in stateful:
+        if i >= len(saved) or saved[i] is None:
+            raise ValueError(f"The checkpoint {folder} has no state for callback {i} ({type(callback).__name__}); "
+                             "resume with the callbacks it was saved with, in the same order.")
+        callback.load_state_dict(saved[i])
+
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
     "Return the `step_N` sub-folder of `folder` with the largest N, or None."
@@ -182,7 +202,8 @@ def train(
     checkpoint_dir: str | Path | None = None,  # where step_N/ checkpoint folders go
     checkpoint_every: int | None = None,  # save every this many steps (and after the last step)
     resume: bool = False,  # continue from the latest checkpoint in checkpoint_dir, if any
-    callbacks: Iterable = (),  # objects with optional on_step_end(state) / on_train_end(state)
+    callbacks: Iterable = (),  # objects with optional on_step_end(state), on_train_end(state) and, to be
+    # checkpointed, state_dict() / load_state_dict(); on_step_end runs before the step's checkpoint is saved
     progress: bool = True,  # show a tqdm bar on the main process
     seed: int = 0,  # seeds Python, NumPy and torch before training
     accelerator=None,  # an existing accelerate.Accelerator; default: a new one
@@ -192,6 +213,7 @@ def train(
     from tqdm.auto import tqdm
     _validate_train_args(model, steps, grad_accum, log_every, checkpoint_dir, checkpoint_every, eval_fn, eval_every,
                          resume, max_grad_norm)
+    callbacks = list(callbacks)  # iterated at every step and by checkpoints
     set_seed(seed)
     if accelerator is None:
         try:
@@ -212,7 +234,7 @@ def train(
     history, start = [], 0
     if resume and checkpoint_dir is not None and (last := latest_checkpoint(checkpoint_dir)) is not None:
         restored = load_checkpoint(last, unwrapped, optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer,
-                                   scheduler, restore_rng=False)
+                                   scheduler, restore_rng=False, callbacks=callbacks)
         start, history = restored["step"], restored["history"]
         logger.info("Resuming from %s at step %d", last, start)
     batches = _batches(data, grad_accum, start)
@@ -256,13 +278,13 @@ def train(
         if (step + 1) % log_every == 0 or step + 1 == steps:
             bar.set_postfix(loss=f"{record['loss/train']:.4f}")
             logger.info("step %d: %s", step + 1, {k: round(v, 5) for k, v in record.items() if k != "step"})
+        for callback in callbacks:  # before the checkpoint, so that it saves their state after this step
+            if hasattr(callback, "on_step_end"):
+                callback.on_step_end(state)
         if checkpoint_dir is not None and checkpoint_every is not None and \
                 ((step + 1) % checkpoint_every == 0 or step + 1 == steps):
             _save_on_main(accelerator, Path(checkpoint_dir) / f"step_{step + 1}", unwrapped, optimizer, scheduler,
-                          step + 1, history)
-        for callback in callbacks:
-            if hasattr(callback, "on_step_end"):
-                callback.on_step_end(state)
+                          step + 1, history, callbacks)
         if state.should_stop:
             break
     bar.close()
@@ -285,9 +307,55 @@ def _evaluate(model, eval_fn) -> dict[str, float]:
     model.eval()
     return _scalar_metrics(eval_fn(model))
 
-def _save_on_main(accelerator, folder, model, optimizer, scheduler, step, history):
+def _save_on_main(accelerator, folder, model, optimizer, scheduler, step, history, callbacks=()):
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         inner = optimizer.optimizer if hasattr(optimizer, "optimizer") else optimizer
-        save_checkpoint(folder, model, inner, scheduler, step, history)
+        save_checkpoint(folder, model, inner, scheduler, step, history, callbacks)
     accelerator.wait_for_everyone()
+
+# %% ../nbs/03_train.ipynb #530432d7
+class EMA:
+    "Loop callback with an exponential moving average of a model's floating-point weights; the rest is copied."
+    def __init__(
+        self,
+        model: nn.Module,  # the model being trained (the unwrapped module passed to `train`)
+        decay: float,  # d in [0, 1); 0.999 averages over about the last 1,000 steps, 0 keeps the last weights
+    ):
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be a number in [0, 1) such as 0.999, got {decay!r}.")
+        self.decay = float(decay)
+        self.shadow = {key: value.detach().clone() for key, value in model.state_dict().items()}
+        self.num_updates = 0
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        "Fold the current weights of `model` into the average."
+        for key, value in model.state_dict().items():
+            if key not in self.shadow:
+                raise ValueError(f"{key!r} is not a weight of the model this EMA was built for; build the EMA "
+                                 "from the model that is trained.")
+            if self.num_updates and value.is_floating_point():
+                self.shadow[key].lerp_(value.detach(), 1.0 - self.decay)
+            else:
+                self.shadow[key].copy_(value.detach())
+        self.num_updates += 1
+
+    def on_step_end(self, state: TrainState) -> None:
+        self.update(state.model)
+
+    def copy_to(self, model: nn.Module) -> nn.Module:
+        "Load the averaged weights into `model` (e.g. a copy of the trained one) and return it."
+        model.load_state_dict(self.shadow)
+        return model
+
+    def state_dict(self) -> dict:
+        return {"shadow": self.shadow, "num_updates": self.num_updates}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.shadow) - set(state["shadow"]))
+        if missing:
+            raise ValueError(f"The saved EMA state lacks the weights {missing[:3]}; it belongs to another model.")
+        for key, value in self.shadow.items():
+            value.copy_(state["shadow"][key])
+        self.num_updates = int(state["num_updates"])
