@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .core import set_seed, get_logger, check_shape, check_finite, token_logps, sequence_logps
+from .train import EMA
 
 logger = get_logger(__name__)
 
@@ -26,16 +27,15 @@ __all__ = ['logger', 'RF_EPS', 'GuidanceFn', 'RK45_TOL', 'SYNTHETIC_SLOTS', 'SYN
            'PairSampler', 'rf_interpolate', 'rectified_flow_loss', 'VelocityMLP', 'euler_sample', 'rk45_sample',
            'straightness', 'reflow_pairs', 'FlowMatchSchedulerAdapter', 'DiffusionBaseline', 'WordTokenizer',
            'encode_batch', 'synthetic_restaurants', 'parse_synthetic', 'delexicalise', 'mentioned_value', 'e2e_corpus',
-           'TextVAE', 'make_pair_sampler', 'EMA', 'train_rectified_flow', 'lexicographic_direction',
-           'lexicographic_loss', 'LatentStats', 'joint_loss', 'LatentClassifier', 'train_latent_classifier',
-           'latent_classifier_guidance', 'LanguageRectifiedFlow', 'TokenEmbedding', 'VelocityTransformer',
-           'embedding_flow_loss', 'train_embedding_flow', 'pad_ids', 'round_to_texts', 'EmbeddingRectifiedFlow',
-           'LangFlowConfig', 'prepare_e2e', 'train_vae', 'encode_latents', 'reconstruction_accuracy',
-           'train_fluency_lm', 'lm_perplexity', 'latent_w2', 'train_generation_flows', 'train_diffusion_baseline',
-           'evaluate_samples', 'evaluate_generation', 'data_w2_floor', 'time_generation', 'evaluate_control',
-           'train_transfer_flows', 'evaluate_editing', 'train_embedding_models', 'evaluate_embedding_generation',
-           'run_experiment', 'compare_joint_training', 'plot_trajectories', 'plot_quality_vs_steps', 'plot_edit_table',
-           'config_for', 'reproduce']
+           'TextVAE', 'make_pair_sampler', 'train_rectified_flow', 'lexicographic_direction', 'lexicographic_loss',
+           'LatentStats', 'joint_loss', 'LatentClassifier', 'train_latent_classifier', 'latent_classifier_guidance',
+           'LanguageRectifiedFlow', 'TokenEmbedding', 'VelocityTransformer', 'embedding_flow_loss',
+           'train_embedding_flow', 'pad_ids', 'round_to_texts', 'EmbeddingRectifiedFlow', 'LangFlowConfig',
+           'prepare_e2e', 'train_vae', 'encode_latents', 'reconstruction_accuracy', 'train_fluency_lm', 'lm_perplexity',
+           'latent_w2', 'train_generation_flows', 'train_diffusion_baseline', 'evaluate_samples', 'evaluate_generation',
+           'data_w2_floor', 'time_generation', 'evaluate_control', 'train_transfer_flows', 'evaluate_editing',
+           'train_embedding_models', 'evaluate_embedding_generation', 'run_experiment', 'compare_joint_training',
+           'plot_trajectories', 'plot_quality_vs_steps', 'plot_edit_table', 'config_for', 'reproduce']
 
 # %% ../nbs/17_langflow.ipynb #ad55e3a8
 def _time_column(
@@ -789,31 +789,6 @@ def make_pair_sampler(
             return torch.randn(x1[rows].shape, generator=generator).to(x1), x1[rows]
         return x0[torch.randint(0, x0.shape[0], (batch_size,), generator=generator)], x1[rows]
     return sample
-
-# %% ../nbs/17_langflow.ipynb #7ec8b63c
-class EMA:
-    "Training-loop callback keeping theta_ema <- decay * theta_ema + (1 - decay) * theta after every step."
-    def __init__(
-        self,
-        model: nn.Module,  # the model being trained
-        decay: float,  # in (0, 1)
-    ):
-        if not 0.0 < decay < 1.0:
-            raise ValueError(f"decay must be in (0, 1), got {decay}.")
-        self.decay = decay
-        self.shadow = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def on_step_end(self, state):
-        for key, value in state.model.state_dict().items():
-            if value.dtype.is_floating_point:
-                self.shadow[key].mul_(self.decay).add_(value.detach(), alpha=1 - self.decay)
-            else:
-                self.shadow[key].copy_(value)
-
-    def copy_to(self, model: nn.Module) -> None:
-        "Load the averaged weights into `model`."
-        model.load_state_dict(self.shadow)
 
 # %% ../nbs/17_langflow.ipynb #033491af
 def train_rectified_flow(
