@@ -23,6 +23,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, UNet2DConditi
 from diffusers.models.modeling_utils import ModelMixin
 
 from .core import check_finite, check_shape, get_logger, set_seed
+from .train import EMA
 
 logger = get_logger(__name__)
 
@@ -30,7 +31,7 @@ logger = get_logger(__name__)
 __all__ = ['logger', 'RESULT_ROWS', 'SFD_OPTION_ALIASES', 'VPSchedule', 'check_class_conditional', 'predict_eps', 'x0_from_eps',
            'class_conditional_unet', 'OneStepGenerator', 'sample_timesteps', 'denoising_loss', 'fake_score_loss',
            'sid_loss_from_denoised', 'sid_generator_loss', 'sample_remaining_labels', 'sample_override_labels',
-           'SFDConfig', 'SFDModules', 'SFDTrainer', 'teacher_loss_fn', 'random_batches', 'EMACallback', 'ddim_sample',
+           'SFDConfig', 'SFDModules', 'SFDTrainer', 'teacher_loss_fn', 'random_batches', 'ddim_sample',
            'gaussian_mixture', 'mixture_means', 'LabelledEpsMLP', 'DigitClassifier', 'classifier_loss_fn',
            'frechet_distance', 'forgetting_metrics', 'frechet_per_class', 'ExperimentConfig', 'load_images',
            'train_classifier', 'build_teacher_unet', 'train_teacher', 'requested_labels', 'sample_one_step',
@@ -670,36 +671,23 @@ SFDTrainer.step = _step
 # %% ../nbs/18_sfd.ipynb #a9b9cedf
 class _SFDCallback:
     "Shared-loop callback: EMA update, iteration count, optional evaluation, and SFD's extra checkpoint state."
-    def __init__(self, trainer, checkpoint_dir, eval_fn, eval_every):
-        self.trainer, self.checkpoint_dir = trainer, checkpoint_dir
-        self.eval_fn, self.eval_every = eval_fn, eval_every
+    def __init__(self, trainer, eval_fn, eval_every):
+        self.trainer, self.eval_fn, self.eval_every = trainer, eval_fn, eval_every
 
     def on_step_end(self, state) -> None:
         self.trainer.generator_ema.update_parameters(self.trainer.generator)
         self.trainer.iteration += 1
         if self.eval_fn is not None and self.eval_every and state.step % self.eval_every == 0:
             state.metrics.update(self.eval_fn(self.trainer))
-        if self.checkpoint_dir is not None and state.accelerator.is_main_process:
-            folder = Path(self.checkpoint_dir) / f"step_{state.step}"
-            if folder.is_dir() and not (folder / "sfd_state.pt").exists():
-                # The loop saved the weights before this callback updated the EMA, so save them again.
-                from safetensors.torch import save_model
-                save_model(self.trainer.modules, str(folder / "model.safetensors"))
-                torch.save({"fake_optimizer": self.trainer.fake_optimizer.state_dict(),
-                            "rng": self.trainer.rng.get_state(), "iteration": self.trainer.iteration},
-                           folder / "sfd_state.pt")
 
-def _restore_sfd_state(trainer: SFDTrainer, checkpoint_dir) -> None:
-    from alignbook.train import latest_checkpoint
-    last = latest_checkpoint(checkpoint_dir)
-    if last is None:
-        return
-    if not (last / "sfd_state.pt").is_file():
-        raise FileNotFoundError(f"{last} has no sfd_state.pt; it was not written by SFDTrainer.train.")
-    state = torch.load(last / "sfd_state.pt", weights_only=True)
-    trainer.fake_optimizer.load_state_dict(state["fake_optimizer"])
-    trainer.rng.set_state(state["rng"])
-    trainer.iteration = state["iteration"]
+    def state_dict(self) -> dict:  # saved by the loop in every checkpoint, after on_step_end
+        return {"fake_optimizer": self.trainer.fake_optimizer.state_dict(), "rng": self.trainer.rng.get_state(),
+                "iteration": self.trainer.iteration}
+
+    def load_state_dict(self, state: dict) -> None:  # called by the loop when it resumes
+        self.trainer.fake_optimizer.load_state_dict(state["fake_optimizer"])
+        self.trainer.rng.set_state(state["rng"])
+        self.trainer.iteration = state["iteration"]
 
 def _train(
     self: SFDTrainer,
@@ -721,9 +709,6 @@ def _train(
     if label_sampler is None:
         label_sampler = lambda n, generator: sample_remaining_labels(n, cfg.forget_label, cfg.num_classes,
                                                                      generator=generator)
-    if resume and checkpoint_dir is not None:
-        _restore_sfd_state(self, checkpoint_dir)
-
     def next_labels(step: int) -> Tensor:  # (B,) labels; the trainer's generator makes the draws reproducible
         labels = label_sampler(cfg.batch_size, self.rng)
         self._check_labels(labels)
@@ -734,7 +719,7 @@ def _train(
         loss, gen_metrics = self.generator_loss(labels)
         return loss, {**fake_metrics, **gen_metrics}
 
-    callback = _SFDCallback(self, checkpoint_dir, eval_fn, eval_every)
+    callback = _SFDCallback(self, eval_fn, eval_every)
     return shared_train(self.modules, loss_fn, next_labels, n_iters, optimizer=self.generator_optimizer,
                         checkpoint_dir=checkpoint_dir, checkpoint_every=checkpoint_every, resume=resume,
                         callbacks=[callback], log_every=log_every, progress=progress, seed=cfg.seed)
@@ -810,16 +795,6 @@ def random_batches(
         index = torch.randint(0, len(samples), (batch_size,), generator=generator)  # (B,)
         return samples[index], labels[index]
     return batch
-
-class EMACallback:
-    "Shared-loop callback that keeps an exponential moving average of a model's weights in `self.ema.module`."
-    def __init__(self, model: nn.Module, decay: float):
-        self.ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
-        self.ema.requires_grad_(False)
-
-    def on_step_end(self, state) -> None:
-        self.ema.update_parameters(state.model)
 
 @torch.no_grad()
 def ddim_sample(
@@ -1018,6 +993,9 @@ class ExperimentConfig:
                     "guidance)", 0.0)
         if not 0.0 <= self.label_dropout < 1.0:
             raise ValueError(f"label_dropout must lie in [0, 1), got {self.label_dropout!r}.")
+        if isinstance(self.teacher_ema, bool) or not isinstance(self.teacher_ema, (int, float)) \
+                or not 0.0 <= self.teacher_ema < 1.0:
+            raise ValueError(f"teacher_ema must lie in [0, 1) (0 keeps the last weights), got {self.teacher_ema!r}.")
         if not isinstance(self.sfd, SFDConfig):
             raise ValueError(f"sfd must be an SFDConfig, got {type(self.sfd).__name__}.")
 
@@ -1113,12 +1091,12 @@ def train_teacher(
     unet = build_teacher_unet(config, images.shape[-1], images.shape[1], num_classes).to(device)
     optimizer = torch.optim.Adam(unet.parameters(), lr=config.teacher_lr)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, config.teacher_steps)
-    ema = EMACallback(unet, config.teacher_ema)
+    ema = EMA(unet, config.teacher_ema)
     history = shared_train(unet, teacher_loss_fn(VPSchedule(), num_classes, config.label_dropout, g),
                            random_batches(images.to(device), labels.to(device), config.teacher_batch_size, g),
                            config.teacher_steps, optimizer=optimizer, scheduler=scheduler, callbacks=[ema],
                            progress=progress, seed=config.seed)
-    return ema.ema.module.eval(), history
+    return ema.copy_to(unet).eval(), history
 
 # %% ../nbs/18_sfd.ipynb #3d759d22
 def requested_labels(num_classes: int, per_class: int, device: torch.device | str = "cpu") -> Tensor:  # (K * n,)
