@@ -143,8 +143,23 @@ def _check_num_steps(num_steps):
 def _check_times(t0, t1):
     if not (math.isfinite(t0) and math.isfinite(t1)):
         raise ValueError(f"t0 and t1 must be finite times, got t0={t0}, t1={t1}.")
+    if not (0 <= t0 <= 1 and 0 <= t1 <= 1):
+        raise ValueError(f"t0 and t1 must lie in [0, 1], the time range of the flow, got t0={t0}, t1={t1}.")
     if t0 == t1:
         raise ValueError(f"t0 and t1 are both {t0}, so there is nothing to integrate; pass different times.")
+
+
+def _check_states(z: Tensor, model, name: str = "z0") -> None:
+    "Raise ValueError unless `z` is a finite floating-point tensor of the dtype of `model`'s weights (if any)."
+    if not isinstance(z, Tensor) or not z.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor of states, got {type(z).__name__} "
+                         f"{getattr(z, 'dtype', '')}; convert it with .float().")
+    weight = next((p for p in model.parameters() if p.is_floating_point()), None) \
+        if isinstance(model, nn.Module) else None
+    if weight is not None and weight.dtype != z.dtype:
+        raise ValueError(f"{name} has dtype {z.dtype} but the network's weights are {weight.dtype}; "
+                         f"pass {name}.to({weight.dtype}).")
+    check_finite(name, z)
 
 
 def euler_sample(
@@ -159,6 +174,7 @@ def euler_sample(
     "Euler integration: z_{k+1} = z_k + dt * (v(z_k, t_k) + guidance(z_k, t_k)), dt = (t1 - t0) / S."
     _check_num_steps(num_steps)
     _check_times(t0, t1)
+    _check_states(z0, velocity)
     dt = (t1 - t0) / num_steps
     z = z0
     states = [z0]
@@ -186,6 +202,13 @@ def rk45_sample(
     "Adaptive RK45 (scipy.integrate.solve_ivp) integration of dz/dt = v(z, t) from t0 to t1."
     from scipy.integrate import solve_ivp
     _check_times(t0, t1)
+    _check_states(z0, velocity)
+    # scipy raises rtol below 100 float64 epsilons to that floor with a warning; refuse instead of clamping
+    if not (isinstance(rtol, (int, float)) and 100 * np.finfo(np.float64).eps <= rtol < math.inf):
+        raise ValueError(f"rtol must be a finite number >= {100 * np.finfo(np.float64).eps:.1e}, got {rtol!r}; "
+                         "the default is 1e-5.")
+    if not (isinstance(atol, (int, float)) and 0 < atol < math.inf):
+        raise ValueError(f"atol must be a finite number > 0, got {atol!r}; the default is 1e-5.")
     shape, dtype, device = z0.shape, z0.dtype, z0.device
 
     def rhs(t, flat):
@@ -227,8 +250,8 @@ def reflow_pairs(
     num_steps: int = 100,  # Euler steps when solver="euler" (at least 100 for accurate pairs)
 ) -> tuple[Tensor, Tensor]:  # (M, d) Z_0 and (M, d) Z_1 = ODE_v(Z_0)
     "Reflow coupling: Z_0 ~ pi_0 and Z_1 = ODE_v(Z_0) solved from t = 0 to 1."
-    if n < 1:
-        raise ValueError(f"n must be at least 1, got {n}.")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n must be an integer >= 1 (the number of pairs), got {n!r}.")
     z0 = sampler_pi0(n)
     if solver == "euler":
         z1 = euler_sample(velocity, z0, num_steps)
@@ -330,6 +353,7 @@ class DiffusionBaseline(nn.Module):
         if num_steps > self.scheduler.config.num_train_timesteps:
             raise ValueError(f"num_steps={num_steps} exceeds the {self.scheduler.config.num_train_timesteps} "
                              "training timesteps of the scheduler; pass at most that many.")
+        _check_states(noise, self, "noise")
         self.scheduler.set_timesteps(num_steps)
         z = noise
         for timestep in self.scheduler.timesteps:
@@ -388,8 +412,11 @@ def _encode(self: WordTokenizer, text: str, allow_unknown: bool = False) -> list
         raise ValueError(f"Cannot encode the empty sentence {text!r}; pass at least one word.")
     unknown = [w for w in words if w not in self.stoi]
     if unknown and not allow_unknown:
+        capitals = [w for w in unknown if w.isupper()]
+        hint = (f" Words in capitals such as {capitals[0]!r} stay capitalised, because that marks placeholders "
+                "like NAME; write them in lower case." if capitals else "")
         raise ValueError(f"Words {unknown[:5]} of {text!r} are not in the vocabulary of {len(self)} words; "
-                         "pass allow_unknown=True to map them to <unk>, or rebuild the tokenizer on this text.")
+                         f"pass allow_unknown=True to map them to <unk>, or rebuild the tokenizer on this text.{hint}")
     return [self.stoi.get(w, self.unk_token_id) for w in words]
 
 
@@ -1007,6 +1034,12 @@ def latent_classifier_guidance(
     if classifier is None:
         raise ValueError("Guidance needs a classifier p(y | z); train one with train_latent_classifier "
                          "or sample without guidance.")
+    if not isinstance(classifier, nn.Module):
+        raise ValueError(f"classifier must be an nn.Module returning (B, C) logits, got {type(classifier).__name__}; "
+                         "wrap a function in a module or use LatentClassifier.")
+    if not callable(velocity):
+        raise ValueError(f"velocity must be the flow's velocity v(z, t), got {velocity!r}; pass the network the "
+                         "sampler integrates, e.g. the trained 2-RF.")
     if isinstance(scale, bool) or not isinstance(scale, (int, float, np.floating, np.integer)) \
             or not math.isfinite(scale) or scale < 0:
         raise ValueError(f"scale must be a finite number >= 0, got {scale!r}.")
@@ -1014,6 +1047,11 @@ def latent_classifier_guidance(
     labels = _check_guidance_target(target, num_classes)  # () or (B,) int64
 
     def guidance(z: Tensor, t: Tensor) -> Tensor:
+        if z.dim() == 3 and latent_dim is not None and latent_dim not in (z.shape[2], z.shape[1] * z.shape[2]):
+            raise ValueError(f"The classifier reads (B, {latent_dim}) latents, but the sampler's states have shape "
+                             f"{tuple(z.shape)}: the chapter's classifiers guide the latent route only. On the "
+                             "(B, n, d) embedding route pass a classifier that reads the whole sequence, or sample "
+                             "without guidance.")
         if z.dim() == 2 and latent_dim is not None and z.shape[1] != latent_dim:
             raise ValueError(f"The classifier takes latents of size {latent_dim}, but the sampler's latents have "
                              f"size {z.shape[1]}; train the classifier on latents of the same VAE.")
@@ -1064,9 +1102,10 @@ class LanguageRectifiedFlow:
     def decode(self, z: Tensor) -> list[str]:  # z: (B, d) standardised latents
         "Greedy decoding of standardised (B, d) latents into sentences; raises on NaN or infinite latents."
         check_shape("z", z, (None, self.vae.latent_dim))
-        if not torch.isfinite(z).all():
+        if z.is_floating_point() and not torch.isfinite(z).all():
             raise ValueError("z contains NaN or infinite latents, which decode to meaningless sentences; "
                              "check the sampler that produced them (e.g. a non-finite guidance scale).")
+        _check_states(z, self.vae, "z")
         # <unk> is blocked like padding: it names no word, so emitting it only loses text
         unk = getattr(self.tokenizer, "unk_token_id", None)
         ids = self.vae.generate(self.stats.unstandardise(z), banned_ids=() if unk is None else (unk,))
@@ -1288,6 +1327,7 @@ def round_to_texts(
     if not x.is_floating_point():
         raise ValueError(f"x must hold generated vectors (a floating-point tensor), got dtype {x.dtype}; token ids "
                          "need no rounding, decode them with the tokenizer.")
+    check_finite("x", x)
     _check_vocabulary(tokenizer, embedding)
     rounded = embedding.round(x).tolist()  # one tensor-to-list conversion per batch
     # <unk> is dropped like padding: it is no word, so a generated <unk> carries no text
@@ -1428,7 +1468,7 @@ class LangFlowConfig:
 
     @classmethod
     def real(cls) -> "LangFlowConfig":
-        "Transformer backbone (BertModel + GPT2LMHeadModel) trained longer: about an hour of CPU time (an estimate)."
+        "Transformer backbone and both routes, trained longer: about 70 + 17 CPU minutes (latent + embedding route)."
         return cls(backbone="transformer", hidden_size=128, vae_steps=6000, vae_batch_size=128, vae_lr=1e-3,
                    beta_anneal_steps=3000, flow_steps=6000, ddpm_steps=6000, transfer_steps=6000,
                    classifier_steps=1500, lm_steps=2000, num_samples=1000, num_reference=2000,
@@ -1483,6 +1523,7 @@ _CONFIG_POSITIVE_INTS = (
     "token_reflow_steps", "token_ddpm_steps", "token_batch_size", "token_reflow_pairs", "token_reflow_solver_steps",
     "token_num_samples", "token_timing_repeats")
 _CONFIG_NON_NEGATIVE_INTS = ("beta_anneal_steps", "joint_steps")
+_DDPM_TIMESTEPS = 1000  # training timesteps of the experiment's DiffusionBaseline (its default)
 _CONFIG_POSITIVE_FLOATS = ("vae_lr", "flow_lr", "lm_lr", "token_lr")
 _CONFIG_NON_NEGATIVE_FLOATS = ("beta", "beta_db", "flow_weight", "classifier_noise", "token_noise")
 
@@ -1526,6 +1567,13 @@ def _check_config_numbers(config: "LangFlowConfig") -> None:
 
     _check_step_tuple("step_grid", config.step_grid)
     _check_step_tuple("token_step_grid", config.token_step_grid)
+    # the DDPM baseline samples at ddpm_sample_steps, at every step_grid entry and at speed_steps
+    ddpm_steps = {"ddpm_sample_steps": config.ddpm_sample_steps, "speed_steps": config.speed_steps,
+                  "step_grid": max(config.step_grid)}
+    for name, value in ddpm_steps.items():
+        if value > _DDPM_TIMESTEPS:
+            raise ValueError(f"{name} asks the DDPM baseline for {value} denoising steps, more than its "
+                             f"{_DDPM_TIMESTEPS} training timesteps; pass at most {_DDPM_TIMESTEPS}.")
     scales = config.guidance_scales
     if not isinstance(scales, tuple) or not scales or not all(_is_real(s) and s >= 0 for s in scales):
         raise ValueError(f"guidance_scales must be a non-empty tuple of finite numbers >= 0 such as (0.0, 2.0), "
@@ -1798,7 +1846,8 @@ def data_w2_floor(
 ) -> float:  # W2 between n other data latents and the reference
     """Latent W2 between n real training latents and the reference set: the distance between two finite samples
     of the data at this sample size. It is a reference, not a floor, because a generator's n samples can lie
-    closer to the reference than n data rows do by chance (DDPM at 4 steps scored 4.57 against 4.68)."""
+    closer to the reference than n data rows do by chance (in the small preset DDPM at 4 steps scored 4.56 against
+    4.68)."""
     rows = torch.randperm(latents.shape[0], generator=torch.Generator().manual_seed(seed + 13))[:num_samples]
     return latent_w2(latents[rows], reference)
 
@@ -1810,8 +1859,8 @@ def time_generation(
     repeats: int = 3,  # timings per sampler; the minimum is kept as the least disturbed by other processes
 ) -> dict:  # name -> {"latent_ms" (sampling), "decode_ms", "total_ms"}, wall-clock milliseconds per sentence
     "Time sampling and decoding into strings per sentence, taking turns between samplers in every repeat."
-    if repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {repeats}.")
+    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
+        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}.")
     best = {name: {"latent_ms": math.inf, "decode_ms": math.inf, "total_ms": math.inf} for name in samplers}
     for _ in range(repeats):
         for name, sampler in samplers.items():
@@ -2061,6 +2110,17 @@ def _run_latent_experiment(config, data, eval_ids, out, seconds, progress):
     out.update(lf=lf, classifier=classifier, latents=latents, reference=reference)
 
 
+def _check_row_counts(config: LangFlowConfig, num_train: int, num_eval: int) -> None:
+    "Refuse sample counts that need more sentences than the data has, before any training."
+    if config.representation == "embedding":
+        return
+    limits = {"num_reference": num_train, "num_samples": num_train, "num_reconstruct": min(num_train, num_eval)}
+    for name, limit in limits.items():
+        if getattr(config, name) > limit:
+            raise ValueError(f"{name}={getattr(config, name)} needs more sentences than the data has ({num_train} "
+                             f"training, {num_eval} held-out); pass --set {name}={limit} or less.")
+
+
 def run_experiment(
     config: LangFlowConfig,
     data_dir: str | None = None,
@@ -2073,6 +2133,7 @@ def run_experiment(
     tokenizer, train_ids = data["tokenizer"], data["train_ids"]
     eval_ids = encode_batch(tokenizer, [r["text"] for r in data["eval_rows"]], config.max_words + 1,
                             allow_unknown=True)
+    _check_row_counts(config, len(train_ids), len(eval_ids))
     if config.representation in ("latent", "both"):
         _run_latent_experiment(config, data, eval_ids, out, seconds, progress)
     else:
@@ -2243,6 +2304,9 @@ def _speedup(speed: dict, generation: dict, config: LangFlowConfig) -> dict:
 def reproduce(config) -> dict:
     "Run the E2E experiment for `config.preset`, save the figures and return the metrics."
     from alignbook.reproduce import save_figure
+    if "seed" in config.options:
+        raise ValueError("Set the seed with --seed (ReproduceConfig.seed), not --set seed=..., so that the run "
+                         "records one seed.")
     lf_config = config_for(config.preset, {"seed": config.seed, **config.options})
     if config.device == "cpu":
         # With models this small, extra threads mostly spin: one thread used less CPU time in our runs.

@@ -598,3 +598,19 @@ def test_reproduce_summary_latent_route(tmp_path):
     assert metrics["embedding_speedup"]["ppl"]["2-RF"] == metrics["embedding"]["2-RF"][2]["ppl"]
     for name in ("trajectories", "quality_vs_steps", "edits"):
         assert (tmp_path / "langflow" / f"{name}.png").is_file()
+
+
+@pytest.mark.parametrize("option", [{"ddpm_sample_steps": 1001}, {"step_grid": (1, 2000)}, {"speed_steps": 1500}])
+def test_config_rejects_more_ddpm_steps_than_timesteps(option):
+    with pytest.raises(ValueError, match="more than its 1000 training timesteps"):
+        config_for("small", option)
+
+
+def test_reproduce_rejects_seed_option_and_oversized_counts(tmp_path):
+    from alignbook.langflow import reproduce
+    from alignbook.reproduce import ReproduceConfig
+    with pytest.raises(ValueError, match="Set the seed with --seed"):
+        reproduce(ReproduceConfig("langflow", out_dir=tmp_path, progress=False, options={**TINY_RUN, "seed": 5}))
+    with pytest.raises(ValueError, match=r"num_reference=100000 needs more sentences than the data has"):
+        reproduce(ReproduceConfig("langflow", out_dir=tmp_path, progress=False,
+                                  options={**TINY_RUN, "num_reference": 100_000}))
