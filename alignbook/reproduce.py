@@ -477,9 +477,14 @@ def apply_options(
     return _replace_fields(config, values, prefix)
 
 # %% ../nbs/05_reproduce.ipynb #0bdd18d3
+def _natural_key(key: str) -> list:
+    "Sort key that orders the digit runs of a string by value, so that '4' comes before '32'."
+    return [(0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", key)]
+
 def _to_jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, dict):  # keys in natural order, so step counts read 1, 2, 4, 8, 32
+        items = sorted(((str(k), v) for k, v in value.items()), key=lambda item: _natural_key(item[0]))
+        return {k: _to_jsonable(v) for k, v in items}
     if isinstance(value, (list, tuple)):
         return [_to_jsonable(v) for v in value]
     if hasattr(value, "tolist"):  # torch tensors and NumPy arrays or scalars
@@ -494,7 +499,7 @@ def write_metrics(
 ) -> Path:  # path of the written `metrics.json`
     "Write `metrics` to `config.run_dir / 'metrics.json'`."
     path = config.run_dir / "metrics.json"
-    path.write_text(json.dumps(_to_jsonable(metrics), indent=2, sort_keys=True))
+    path.write_text(json.dumps(_to_jsonable(metrics), indent=2))
     return path
 
 def save_figure(
