@@ -1468,7 +1468,7 @@ class LangFlowConfig:
 
     @classmethod
     def real(cls) -> "LangFlowConfig":
-        "Transformer backbone and both routes, trained longer: about 70 + 17 CPU minutes (latent + embedding route)."
+        "Transformer backbone and both routes, trained longer: about 58 + 17 CPU minutes (latent + embedding route)."
         return cls(backbone="transformer", hidden_size=128, vae_steps=6000, vae_batch_size=128, vae_lr=1e-3,
                    beta_anneal_steps=3000, flow_steps=6000, ddpm_steps=6000, transfer_steps=6000,
                    classifier_steps=1500, lm_steps=2000, num_samples=1000, num_reference=2000,
