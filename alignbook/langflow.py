@@ -135,9 +135,12 @@ class VelocityMLP(nn.Module):
 # %% ../nbs/17_langflow.ipynb #2ea3dd97
 GuidanceFn = Callable[[Tensor, Tensor], Tensor]  # (z (B, d), t (B,)) -> (B, d) term added to the velocity
 
-def _check_num_steps(num_steps):
-    if isinstance(num_steps, bool) or not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
-        raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}.")
+def _check_count(name: str, value, meaning: str = "", fix: str = "") -> None:
+    "Raise ValueError naming `name` unless `value` is an integer >= 1 (booleans are rejected)."
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        about = f" ({meaning})" if meaning else ""
+        advice = f"; {fix}" if fix else ""
+        raise ValueError(f"{name} must be an integer >= 1{about}, got {value!r}{advice}.")
 
 
 def _check_times(t0, t1):
@@ -149,8 +152,8 @@ def _check_times(t0, t1):
         raise ValueError(f"t0 and t1 are both {t0}, so there is nothing to integrate; pass different times.")
 
 
-def _check_states(z: Tensor, model, name: str = "z0") -> None:
-    "Raise ValueError unless `z` is a finite floating-point tensor of the dtype of `model`'s weights (if any)."
+def _check_states(z: Tensor, model, name: str = "z0", finite: bool = True) -> None:
+    "Raise ValueError unless `z` is a floating-point tensor of the dtype of `model`'s weights (if any), and finite."
     if not isinstance(z, Tensor) or not z.is_floating_point():
         raise ValueError(f"{name} must be a floating-point tensor of states, got {type(z).__name__} "
                          f"{getattr(z, 'dtype', '')}; convert it with .float().")
@@ -159,7 +162,8 @@ def _check_states(z: Tensor, model, name: str = "z0") -> None:
     if weight is not None and weight.dtype != z.dtype:
         raise ValueError(f"{name} has dtype {z.dtype} but the network's weights are {weight.dtype}; "
                          f"pass {name}.to({weight.dtype}).")
-    check_finite(name, z)
+    if finite:
+        check_finite(name, z)
 
 
 def euler_sample(
@@ -172,7 +176,7 @@ def euler_sample(
     return_trajectory: bool = False,  # also return all S + 1 states
 ) -> Tensor | tuple[Tensor, Tensor]:  # (B, d) z at t1, and optionally (S + 1, B, d) trajectory
     "Euler integration: z_{k+1} = z_k + dt * (v(z_k, t_k) + guidance(z_k, t_k)), dt = (t1 - t0) / S."
-    _check_num_steps(num_steps)
+    _check_count("num_steps", num_steps)
     _check_times(t0, t1)
     _check_states(z0, velocity)
     dt = (t1 - t0) / num_steps
@@ -190,6 +194,7 @@ def euler_sample(
 
 # %% ../nbs/17_langflow.ipynb #9a467c0b
 RK45_TOL = 1e-5  # rtol and atol of the official rectified-flow ODE sampler (`sde_lib.py`)
+_MIN_RTOL = 100 * np.finfo(np.float64).eps  # the smallest rtol scipy's solve_ivp accepts without raising it
 
 def rk45_sample(
     velocity: Callable[[Tensor, Tensor], Tensor],  # v(z (B, d), t (B,)) -> (B, d)
@@ -203,10 +208,9 @@ def rk45_sample(
     from scipy.integrate import solve_ivp
     _check_times(t0, t1)
     _check_states(z0, velocity)
-    # scipy raises rtol below 100 float64 epsilons to that floor with a warning; refuse instead of clamping
-    if not (isinstance(rtol, (int, float)) and 100 * np.finfo(np.float64).eps <= rtol < math.inf):
-        raise ValueError(f"rtol must be a finite number >= {100 * np.finfo(np.float64).eps:.1e}, got {rtol!r}; "
-                         "the default is 1e-5.")
+    # scipy raises an rtol below 100 float64 epsilons to that floor with a warning, so reject it here instead
+    if not (isinstance(rtol, (int, float)) and _MIN_RTOL <= rtol < math.inf):
+        raise ValueError(f"rtol must be a finite number >= {_MIN_RTOL:.1e}, got {rtol!r}; the default is 1e-5.")
     if not (isinstance(atol, (int, float)) and 0 < atol < math.inf):
         raise ValueError(f"atol must be a finite number > 0, got {atol!r}; the default is 1e-5.")
     shape, dtype, device = z0.shape, z0.dtype, z0.device
@@ -231,7 +235,7 @@ def straightness(
     num_steps: int = 64,  # Euler steps used to simulate the trajectories
 ) -> float:  # mean over steps and samples of ||(Z_1 - Z_0) - v(Z_t, t)||^2 (sum over all non-batch dimensions)
     "Straightness S(v) = int_0^1 E||(Z_1 - Z_0) - v(Z_t, t)||^2 dt along Euler trajectories of v."
-    _check_num_steps(num_steps)
+    _check_count("num_steps", num_steps)
     _, trajectory = euler_sample(velocity, z0, num_steps, return_trajectory=True)  # (S + 1, B, ...)
     displacement = trajectory[-1] - trajectory[0]  # (B, ...)
     total = 0.0
@@ -250,8 +254,7 @@ def reflow_pairs(
     num_steps: int = 100,  # Euler steps when solver="euler" (at least 100 for accurate pairs)
 ) -> tuple[Tensor, Tensor]:  # (M, d) Z_0 and (M, d) Z_1 = ODE_v(Z_0)
     "Reflow coupling: Z_0 ~ pi_0 and Z_1 = ODE_v(Z_0) solved from t = 0 to 1."
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n must be an integer >= 1 (the number of pairs), got {n!r}.")
+    _check_count("n", n, "the number of pairs")
     z0 = sampler_pi0(n)
     if solver == "euler":
         z1 = euler_sample(velocity, z0, num_steps)
@@ -289,7 +292,7 @@ class FlowMatchSchedulerAdapter:
         num_steps: int,  # S, uniform steps in sigma from 1 to 0
     ) -> Tensor:  # (B, d) states at t = 1
         "Integrate v from t = 0 to 1 with the diffusers scheduler: model_output = -v(z, 1 - sigma)."
-        _check_num_steps(num_steps)
+        _check_count("num_steps", num_steps)
         sigmas = (1.0 - torch.arange(num_steps, dtype=torch.float64) / num_steps).tolist()
         self.scheduler.set_timesteps(sigmas=sigmas)
         z = z0
@@ -349,7 +352,7 @@ class DiffusionBaseline(nn.Module):
         generator: torch.Generator | None = None,  # randomness of the ancestral steps
     ) -> Tensor:  # generated samples, shaped like `noise`
         "Ancestral DDPM sampling with `num_steps` steps of diffusers' DDPMScheduler."
-        _check_num_steps(num_steps)
+        _check_count("num_steps", num_steps)
         if num_steps > self.scheduler.config.num_train_timesteps:
             raise ValueError(f"num_steps={num_steps} exceeds the {self.scheduler.config.num_train_timesteps} "
                              "training timesteps of the scheduler; pass at most that many.")
@@ -835,8 +838,7 @@ def train_rectified_flow(
     from alignbook.train import train
     if t_schedule not in ("uniform", "t0"):
         raise ValueError(f"Unknown t_schedule {t_schedule!r}; valid values are ['uniform', 't0'].")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}.")
+    _check_count("batch_size", batch_size)
 
     def batch_at(step: int) -> dict:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)  # one stream per step: resumable
@@ -1105,7 +1107,7 @@ class LanguageRectifiedFlow:
         if z.is_floating_point() and not torch.isfinite(z).all():
             raise ValueError("z contains NaN or infinite latents, which decode to meaningless sentences; "
                              "check the sampler that produced them (e.g. a non-finite guidance scale).")
-        _check_states(z, self.vae, "z")
+        _check_states(z, self.vae, "z", finite=False)  # finiteness was checked above, with its own message
         # <unk> is blocked like padding: it names no word, so emitting it only loses text
         unk = getattr(self.tokenizer, "unk_token_id", None)
         ids = self.vae.generate(self.stats.unstandardise(z), banned_ids=() if unk is None else (unk,))
@@ -1119,8 +1121,7 @@ class LanguageRectifiedFlow:
         generator: torch.Generator | None = None,  # randomness of the starting noise
     ) -> Tensor:  # (n, d) standardised latents
         "Euler-integrate the generation flow from N(0, I) noise."
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be an integer >= 1 (the number of sentences), got {n!r}.")
+        _check_count("n", n, "the number of sentences")
         noise = torch.randn(n, self.vae.latent_dim, generator=generator).to(_device_of(self.velocity))
         return euler_sample(self.velocity, noise, num_steps, guidance=guidance)
 
@@ -1309,12 +1310,13 @@ def pad_ids(
     return F.pad(input_ids, (0, length - input_ids.shape[1]), value=pad_token_id)
 
 
-@torch.no_grad()
 def _check_vocabulary(tokenizer: WordTokenizer, embedding: TokenEmbedding) -> None:
     if len(tokenizer) != embedding.vocab_size:
         raise ValueError(f"The tokenizer has {len(tokenizer)} words but the embedding table has "
                          f"{embedding.vocab_size}; pass the tokenizer the embeddings were trained with.")
 
+
+@torch.no_grad()
 def round_to_texts(
     embedding: TokenEmbedding,
     tokenizer: WordTokenizer,
@@ -1354,9 +1356,8 @@ class EmbeddingRectifiedFlow:
         seq_len: int | None = None,  # n, positions per sentence; default `velocity.seq_len`
     ):
         seq_len = getattr(velocity, "seq_len", None) if seq_len is None else seq_len
-        if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
-            raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}; pass the number of positions "
-                             "the velocity was trained on (max_words + 1 in the experiment).")
+        _check_count("seq_len", seq_len, fix="pass the number of positions the velocity was trained on "
+                     "(max_words + 1 in the experiment)")
         _check_vocabulary(tokenizer, embedding)
         self.embedding, self.tokenizer, self.velocity, self.seq_len = embedding.eval(), tokenizer, velocity.eval(), seq_len
 
@@ -1367,8 +1368,7 @@ class EmbeddingRectifiedFlow:
         generator: torch.Generator | None = None,  # randomness of the starting noise
     ) -> Tensor:  # (n, seq_len, d) generated vectors before rounding
         "Euler-integrate the flow from N(0, I) noise of shape (n, seq_len, d)."
-        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"n must be an integer >= 1 (the number of sentences), got {n!r}.")
+        _check_count("n", n, "the number of sentences")
         noise = torch.randn(n, self.seq_len, self.embedding.embed_dim, generator=generator)
         return euler_sample(self.velocity, noise.to(_device_of(self.velocity)), num_steps)
 
@@ -1401,7 +1401,7 @@ class LangFlowConfig:
     flow_weight: float = 1.0  # gamma of the weighted joint loss
     # flows
     # width of the velocity MLP and of the DDPM network. At 256 the latents fit worse (2-RF W2 5.09 against 4.96) and
-    # one call costs 1/40 of decoding a sentence, which holds the end-to-end speed-up of 4 over 200 steps near 6
+    # one call costs 1/40 of decoding a sentence, which keeps the end-to-end speed-up of 4 over 200 steps near 6
     flow_hidden: int = 1024
     flow_layers: int = 3
     flow_steps: int = 1200
@@ -1859,8 +1859,7 @@ def time_generation(
     repeats: int = 3,  # timings per sampler; the minimum is kept as the least disturbed by other processes
 ) -> dict:  # name -> {"latent_ms" (sampling), "decode_ms", "total_ms"}, wall-clock milliseconds per sentence
     "Time sampling and decoding into strings per sentence, taking turns between samplers in every repeat."
-    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
-        raise ValueError(f"repeats must be an integer >= 1, got {repeats!r}.")
+    _check_count("repeats", repeats)
     best = {name: {"latent_ms": math.inf, "decode_ms": math.inf, "total_ms": math.inf} for name in samplers}
     for _ in range(repeats):
         for name, sampler in samplers.items():

@@ -601,12 +601,12 @@ def test_reproduce_summary_latent_route(tmp_path):
 
 
 @pytest.mark.parametrize("option", [{"ddpm_sample_steps": 1001}, {"step_grid": (1, 2000)}, {"speed_steps": 1500}])
-def test_config_rejects_more_ddpm_steps_than_timesteps(option):
+def test_config_rejects_excess_ddpm_steps(option):
     with pytest.raises(ValueError, match="more than its 1000 training timesteps"):
         config_for("small", option)
 
 
-def test_reproduce_rejects_seed_option_and_oversized_counts(tmp_path):
+def test_reproduce_rejects_bad_options(tmp_path):
     from alignbook.langflow import reproduce
     from alignbook.reproduce import ReproduceConfig
     with pytest.raises(ValueError, match="Set the seed with --seed"):
