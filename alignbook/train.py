@@ -202,8 +202,8 @@ def train(
     checkpoint_dir: str | Path | None = None,  # where step_N/ checkpoint folders go
     checkpoint_every: int | None = None,  # save every this many steps (and after the last step)
     resume: bool = False,  # continue from the latest checkpoint in checkpoint_dir, if any
-    callbacks: Iterable = (),  # objects with optional on_step_end(state), on_train_end(state) and, to be
-    # checkpointed, state_dict() / load_state_dict(); on_step_end runs before the step's checkpoint is saved
+    callbacks: Iterable = (),  # objects with optional on_step_end(state) and on_train_end(state). Those with
+    # state_dict() / load_state_dict() are saved in checkpoints, and on_step_end runs before a step's checkpoint
     progress: bool = True,  # show a tqdm bar on the main process
     seed: int = 0,  # seeds Python, NumPy and torch before training
     accelerator=None,  # an existing accelerate.Accelerator; default: a new one
@@ -320,7 +320,7 @@ class EMA:
     def __init__(
         self,
         model: nn.Module,  # the model being trained (the unwrapped module passed to `train`)
-        decay: float,  # d in [0, 1); 0.999 averages over about the last 1,000 steps, 0 keeps the last weights
+        decay: float,  # d in [0, 1). 0.999 averages over about the last 1,000 steps, and 0 keeps the last weights
     ):
         if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be a number in [0, 1) such as 0.999, got {decay!r}.")
@@ -355,7 +355,8 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         missing = sorted(set(self.shadow) - set(state["shadow"]))
         if missing:
-            raise ValueError(f"The saved EMA state lacks the weights {missing[:3]}; it belongs to another model.")
+            raise ValueError(f"The saved EMA state is missing the weights {missing[:3]}, so it belongs to another "
+                             "model. Resume with an EMA of the model that was saved.")
         for key, value in self.shadow.items():
             value.copy_(state["shadow"][key])
         self.num_updates = int(state["num_updates"])
