@@ -1572,7 +1572,7 @@ def _check_config_numbers(config: "LangFlowConfig") -> None:
                   "step_grid": max(config.step_grid)}
     for name, value in ddpm_steps.items():
         if value > _DDPM_TIMESTEPS:
-            raise ValueError(f"{name} asks the DDPM baseline for {value} denoising steps, more than its "
+            raise ValueError(f"{name} requests {value} denoising steps from the DDPM baseline, more than its "
                              f"{_DDPM_TIMESTEPS} training timesteps; pass at most {_DDPM_TIMESTEPS}.")
     scales = config.guidance_scales
     if not isinstance(scales, tuple) or not scales or not all(_is_real(s) and s >= 0 for s in scales):
